@@ -1,0 +1,219 @@
+"""Metadata of a packed PrefixLM batch.
+
+A batch is a concatenation of samples; sample i is `prefix_lens[i]` prefix tokens followed by
+`causal_lens[i]` causal (response) tokens. Tokens past the last sample up to the batch capacity are
+padding.
+
+`SeqInfo` keeps two views of the same numbers: device tensors that kernels read, and host integers
+that launch code needs (grid sizes, max lengths), so nothing on the hot path waits on the GPU with
+`.item()`. With a fixed `capacity` the device tensors are padded to a fixed number of sample slots
+(`max_samples`, empty samples at the end), so every batch of that capacity has the same tensor
+shapes and `torch.compile` reuses one graph.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = ["SeqInfo", "BatchMeta"]
+
+
+def _as_lengths(name: str, values) -> np.ndarray:
+    """Validate a 1-D sequence of non-negative integers and return it as int64 numpy."""
+    if isinstance(values, torch.Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers, got a tensor of dtype {values.dtype}")
+        arr = values.detach().cpu().numpy()
+    else:
+        arr = np.asarray(values)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+        if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{name} must hold integers, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
+    arr = arr.astype(np.int64)
+    if (arr < 0).any():
+        bad = int(np.flatnonzero(arr < 0)[0])
+        raise ValueError(f"{name}[{bad}] = {int(arr[bad])} is negative; lengths must be >= 0")
+    return arr
+
+
+class SeqInfo:
+    """Lengths of the samples in one packed batch, on the host and on the device.
+
+    Build it with :meth:`from_lengths` or :meth:`from_cu_seqlens`.
+
+    Device tensors (int32, `slots` samples; slots past `num_samples` are empty samples that start
+    at `total`):
+      cu_seqlens  (slots + 1,)  start offset of every sample, then the end of the last one
+      prefix_lens (slots,)      prefix tokens per sample
+      causal_lens (slots,)      causal tokens per sample
+    Host values: `total`, `num_samples`, `max_prefix`, `max_causal`, `max_seqlen`, `capacity`,
+    `slots`, and `host_lens`, a CPU int64 tensor (2, slots) of prefix and causal lengths that the
+    attention op reads without touching the GPU.
+    """
+
+    __slots__ = (
+        "cu_seqlens", "prefix_lens", "causal_lens", "host_lens", "total", "num_samples",
+        "max_prefix", "max_causal", "max_seqlen", "capacity", "slots", "_cache",
+    )
+
+    def __init__(self, prefix: np.ndarray, causal: np.ndarray, capacity: int | None,
+                 device, max_samples: int | None):
+        n = len(prefix)
+        if len(causal) != n:
+            raise ValueError(
+                f"prefix_lens and causal_lens must have the same length, got {n} and {len(causal)}")
+        seqlens = prefix + causal
+        total = int(seqlens.sum())
+        if capacity is None:
+            capacity = total
+            slots = n if max_samples is None else int(max_samples)
+        else:
+            if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
+                raise ValueError(f"capacity must be an int, got {type(capacity).__name__}")
+            capacity = int(capacity)
+            if capacity < 0:
+                raise ValueError(f"capacity must be >= 0, got {capacity}")
+            if total > capacity:
+                raise ValueError(f"total tokens {total} exceed capacity {capacity}")
+            # Fixed slot count => fixed tensor shapes for every batch of this capacity.
+            slots = capacity if max_samples is None else int(max_samples)
+        if n > slots:
+            raise ValueError(f"{n} samples do not fit in max_samples={slots}")
+
+        pad = slots - n
+        prefix_slots = np.concatenate([prefix, np.zeros(pad, np.int64)])
+        causal_slots = np.concatenate([causal, np.zeros(pad, np.int64)])
+        cu = np.zeros(slots + 1, np.int64)
+        np.cumsum(prefix_slots + causal_slots, out=cu[1:])
+        if capacity >= 2**31:
+            raise ValueError(f"capacity {capacity} does not fit the int32 offsets the kernels use")
+
+        # One host-to-device copy for all three tensors; the fields are views into it.
+        packed = torch.from_numpy(np.concatenate([cu, prefix_slots, causal_slots]).astype(np.int32))
+        if device is not None and torch.device(device).type == "cuda":
+            packed = packed.pin_memory().to(device, non_blocking=True)
+        elif device is not None:
+            packed = packed.to(device)
+        self.cu_seqlens = packed[: slots + 1]
+        self.prefix_lens = packed[slots + 1: 2 * slots + 1]
+        self.causal_lens = packed[2 * slots + 1:]
+        self.host_lens = torch.from_numpy(np.stack([prefix_slots, causal_slots]))
+        self.total = total
+        self.num_samples = n
+        self.max_prefix = int(prefix.max()) if n else 0
+        self.max_causal = int(causal.max()) if n else 0
+        self.max_seqlen = int(seqlens.max()) if n else 0
+        self.capacity = capacity
+        self.slots = slots
+        self._cache = {}
+
+    @classmethod
+    def from_lengths(cls, prefix_lens, causal_lens, capacity: int | None = None, device=None,
+                     max_samples: int | None = None) -> "SeqInfo":
+        """Metadata from per-sample prefix and causal lengths (lists, numpy arrays or tensors).
+
+        capacity: token budget of the batch (rows of q/k/v); defaults to the total. When given,
+          the device tensors have `max_samples` slots (default: `capacity`, the most samples a
+          batch of that capacity can hold), so shapes do not change between batches.
+        """
+        prefix = _as_lengths("prefix_lens", prefix_lens)
+        causal = _as_lengths("causal_lens", causal_lens)
+        return cls(prefix, causal, capacity, device, max_samples)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens, prefix_lens, capacity: int | None = None, device=None,
+                        max_samples: int | None = None) -> "SeqInfo":
+        """Metadata from cumulative sample offsets (starting at 0) and prefix lengths."""
+        cu = _as_lengths("cu_seqlens", cu_seqlens)
+        if len(cu) == 0 or cu[0] != 0:
+            raise ValueError("cu_seqlens must start with 0")
+        seqlens = np.diff(cu)
+        if (seqlens < 0).any():
+            bad = int(np.flatnonzero(seqlens < 0)[0])
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing: cu_seqlens[{bad + 1}] = {int(cu[bad + 1])} "
+                f"< cu_seqlens[{bad}] = {int(cu[bad])}")
+        prefix = _as_lengths("prefix_lens", prefix_lens)
+        if len(prefix) != len(seqlens):
+            raise ValueError(
+                f"prefix_lens has {len(prefix)} entries for {len(seqlens)} samples in cu_seqlens")
+        if (prefix > seqlens).any():
+            bad = int(np.flatnonzero(prefix > seqlens)[0])
+            raise ValueError(f"prefix_lens[{bad}] = {int(prefix[bad])} exceeds the sample length "
+                             f"{int(seqlens[bad])}")
+        return cls(prefix, seqlens - prefix, capacity, device, max_samples)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cu_seqlens.device
+
+    def prefix_host(self) -> np.ndarray:
+        """Prefix lengths of the real samples (host)."""
+        return self.host_lens[0, : self.num_samples].numpy()
+
+    def causal_host(self) -> np.ndarray:
+        """Causal lengths of the real samples (host)."""
+        return self.host_lens[1, : self.num_samples].numpy()
+
+    def to(self, device) -> "SeqInfo":
+        return SeqInfo(self.prefix_host().copy(), self.causal_host().copy(), self.capacity, device,
+                       self.slots)
+
+    def cached(self, key, build):
+        """Per-batch cache for derived data (e.g. a FlexAttention block mask)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def __repr__(self) -> str:
+        return (f"SeqInfo(num_samples={self.num_samples}, total={self.total}, "
+                f"capacity={self.capacity}, max_prefix={self.max_prefix}, "
+                f"max_causal={self.max_causal}, device={self.device})")
+
+
+class BatchMeta(NamedTuple):
+    """What a backend receives inside the attention op: device tensors and host integers.
+
+    Rebuilt from the op's tensor arguments (the host part comes from the CPU tensor `host_lens`,
+    so building it never synchronises with the GPU).
+    """
+
+    cu_seqlens: torch.Tensor
+    prefix_lens: torch.Tensor
+    causal_lens: torch.Tensor
+    prefix_host: np.ndarray  # (slots,) int64
+    causal_host: np.ndarray  # (slots,) int64
+    total: int
+    max_prefix: int
+    max_causal: int
+    max_seqlen: int
+
+    @property
+    def slots(self) -> int:
+        return len(self.prefix_host)
+
+    @property
+    def starts_host(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.prefix_host + self.causal_host)[:-1]]).astype(
+            np.int64) if self.slots else np.zeros(0, np.int64)
+
+    @classmethod
+    def from_op_args(cls, cu_seqlens, prefix_lens, causal_lens, host_lens) -> "BatchMeta":
+        lens = host_lens.numpy()
+        prefix, causal = lens[0], lens[1]
+        seqlens = prefix + causal
+        has = len(prefix) > 0
+        return cls(cu_seqlens, prefix_lens, causal_lens, prefix, causal, int(seqlens.sum()),
+                   int(prefix.max()) if has else 0, int(causal.max()) if has else 0,
+                   int(seqlens.max()) if has else 0)
+
+    @classmethod
+    def from_info(cls, info: SeqInfo) -> "BatchMeta":
+        return cls.from_op_args(info.cu_seqlens, info.prefix_lens, info.causal_lens,
+                                info.host_lens)

@@ -1,0 +1,153 @@
+"""Reader of HRM-Text "V1" datasets (ours and those HRM-Text's data_io writes; same files).
+
+    DIR/metadata.json          {"max_seq_len": int, "tokenizer_info": {...}, ...}
+    DIR/tokens.npy             1-D integer token stream (read memory-mapped)
+    DIR/epoch_k/{inst_start,inst_len,resp_start,resp_len}.npy   k = 0, 1, ... (consecutive)
+
+Sample i of epoch k is `tokens[inst_start[i] : inst_start[i] + inst_len[i]]` (the prefix) followed by
+`tokens[resp_start[i] : resp_start[i] + resp_len[i]]` (the response, whose last token is predicted
+but never read). Every file is validated when first used; problems raise `ValueError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["V1Dataset", "EpochIndex"]
+
+INDEX_FIELDS = ("inst_start", "inst_len", "resp_start", "resp_len")
+
+
+class EpochIndex(NamedTuple):
+    inst_start: np.ndarray
+    inst_len: np.ndarray
+    resp_start: np.ndarray
+    resp_len: np.ndarray
+
+    @property
+    def prefix_lens(self) -> np.ndarray:
+        return self.inst_len
+
+    @property
+    def causal_lens(self) -> np.ndarray:
+        """Causal tokens after the autoregressive shift."""
+        return self.resp_len - 1
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return len(self.inst_len)
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing file")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable .npy array: {exc}") from exc
+    if arr.ndim != 1:
+        raise ValueError(f"{path}: expected a 1-D array, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: expected integers, got dtype {arr.dtype}")
+    return arr
+
+
+class V1Dataset:
+    """A prepared dataset: `metadata`, `num_epochs`, `tokens`, `epoch(k)`, `tokenizer()`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"dataset {self.path} does not exist or is not a directory")
+        meta_path = self.path / "metadata.json"
+        if not meta_path.is_file():
+            raise ValueError(f"{meta_path}: missing file (not a prepared dataset, or an interrupted "
+                             f"write)")
+        try:
+            self.metadata = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{meta_path}: not valid JSON: {exc}") from exc
+        if not isinstance(self.metadata, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object")
+        msl = self.metadata.get("max_seq_len")
+        if isinstance(msl, bool) or not isinstance(msl, int) or msl < 1:
+            raise ValueError(f"{meta_path}: 'max_seq_len' must be a positive int, got {msl!r}")
+        self.tokens = _load_npy(self.path / "tokens.npy", mmap=True)
+        total = self.metadata.get("total_length")
+        if isinstance(total, int) and total != len(self.tokens):
+            raise ValueError(f"{self.path / 'tokens.npy'}: holds {len(self.tokens)} tokens but "
+                             f"metadata.json says total_length = {total}")
+        vocab = self.metadata.get("tokenizer_info", {}).get("vocab_size")
+        self.vocab_size = int(vocab) if isinstance(vocab, int) else None
+        k = 0
+        while (self.path / f"epoch_{k}").is_dir():
+            k += 1
+        if k == 0:
+            raise ValueError(f"{self.path}: no epoch_0 directory")
+        self.num_epochs = k
+        self._epochs: dict[int, EpochIndex] = {}
+
+    @property
+    def max_seq_len(self) -> int:
+        """Longest sample the model reads (inst_len + resp_len - 1 <= max_seq_len - 1)."""
+        return int(self.metadata["max_seq_len"])
+
+    def epoch(self, k: int) -> EpochIndex:
+        """Index arrays of epoch k (int64, validated)."""
+        if not 0 <= k < self.num_epochs:
+            raise IndexError(f"epoch {k} out of range: {self.path} has {self.num_epochs} epochs")
+        if k not in self._epochs:
+            self._epochs[k] = self._load_epoch(k)
+        return self._epochs[k]
+
+    def _load_epoch(self, k: int) -> EpochIndex:
+        folder = self.path / f"epoch_{k}"
+        arrays = {name: _load_npy(folder / f"{name}.npy", mmap=False).astype(np.int64, copy=False)
+                  for name in INDEX_FIELDS}
+        n = len(arrays["inst_start"])
+        for name, arr in arrays.items():
+            if len(arr) != n:
+                raise ValueError(f"{folder}: length mismatch: {name}.npy has {len(arr)} entries, "
+                                 f"inst_start.npy has {n}")
+        total = len(self.tokens)
+        for kind in ("inst", "resp"):
+            start, length = arrays[f"{kind}_start"], arrays[f"{kind}_len"]
+            for what, bad in ((f"{kind}_start < 0", start < 0), (f"{kind}_len < 0", length < 0),
+                              (f"{kind}_start + {kind}_len > len(tokens) = {total}",
+                               start + length > total)):
+                if bad.any():
+                    i = int(np.flatnonzero(bad)[0])
+                    raise ValueError(f"{folder}: sample {i}: {what} (start {int(start[i])}, len "
+                                     f"{int(length[i])}); {int(bad.sum())} such samples")
+        short = arrays["resp_len"] < 1
+        if short.any():
+            i = int(np.flatnonzero(short)[0])
+            raise ValueError(f"{folder}: sample {i}: resp_len = 0; a response needs at least its "
+                             f"end-of-answer token ({int(short.sum())} such samples)")
+        return EpochIndex(**arrays)
+
+    def validate(self) -> None:
+        """Load and check every epoch."""
+        for k in range(self.num_epochs):
+            self.epoch(k)
+
+    def sample(self, k: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prefix tokens, response tokens) of sample i of epoch k."""
+        e = self.epoch(k)
+        return (np.asarray(self.tokens[e.inst_start[i]: e.inst_start[i] + e.inst_len[i]]),
+                np.asarray(self.tokens[e.resp_start[i]: e.resp_start[i] + e.resp_len[i]]))
+
+    def tokenizer(self):
+        from .tokenizer import load_tokenizer
+        return load_tokenizer(str(self.path))
+
+    def pad_id(self) -> int:
+        """Padding id from the metadata (0 for datasets that do not record one)."""
+        pad = self.metadata.get("tokenizer_info", {}).get("special_ids", {}).get("pad")
+        return int(pad) if isinstance(pad, int) else 0
+
+    def __repr__(self) -> str:
+        return f"V1Dataset({str(self.path)!r}, tokens={len(self.tokens)}, epochs={self.num_epochs})"

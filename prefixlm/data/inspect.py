@@ -1,0 +1,91 @@
+"""`prefixlm inspect`: what a prepared dataset holds, and one packed batch with its regions marked."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dataset import V1Dataset
+from .prepare import _histogram
+
+__all__ = ["summarize", "format_summary", "render_batch"]
+
+
+def summarize(dataset: V1Dataset, epoch: int = 0) -> dict:
+    e = dataset.epoch(epoch)
+    seq = e.inst_len + e.resp_len - 1
+    longest = int(np.argmax(seq)) if len(seq) else 0
+    return {
+        "path": str(dataset.path),
+        "epochs": dataset.num_epochs,
+        "samples": len(e),
+        "tokens_file": int(len(dataset.tokens)),
+        "prefix_tokens": int(e.inst_len.sum()),
+        "response_tokens": int(e.resp_len.sum()),
+        "batch_tokens": int(seq.sum()),
+        "causal_len_zero": int((e.resp_len - 1 == 0).sum()),
+        "max_seq_len": dataset.max_seq_len,
+        "longest": {"index": longest, "seq_len": int(seq[longest]) if len(seq) else 0,
+                    "inst_len": int(e.inst_len[longest]) if len(seq) else 0,
+                    "resp_len": int(e.resp_len[longest]) if len(seq) else 0},
+        "histograms": {"inst_len": _histogram(e.inst_len), "causal_len": _histogram(e.resp_len - 1),
+                       "seq_len": _histogram(seq)},
+    }
+
+
+def format_summary(s: dict) -> str:
+    lg = s["longest"]
+    lines = [
+        f"dataset   {s['path']}",
+        f"epochs    {s['epochs']}",
+        f"samples   {s['samples']}",
+        f"tokens    {s['batch_tokens']} in batches (prefix {s['prefix_tokens']}, response "
+        f"{s['response_tokens']}); tokens.npy holds {s['tokens_file']}",
+        f"causal_len == 0: {s['causal_len_zero']} samples"
+        + ("  (these train only the last prefix position)" if s["causal_len_zero"] else ""),
+        f"longest   sample {lg['index']}: {lg['seq_len']} tokens (prefix {lg['inst_len']}, response "
+        f"{lg['resp_len']}) against a context of {s['max_seq_len'] - 1} "
+        f"(max_seq_len {s['max_seq_len']} before the shift)"
+        + ("  ** LONGER THAN THE CONTEXT **" if lg["seq_len"] > s["max_seq_len"] - 1 else ""),
+    ]
+    for name, hist in s["histograms"].items():
+        lines.append(f"{name:11s}" + "  ".join(f"{k}:{v}" for k, v in hist.items()))
+    return "\n".join(lines)
+
+
+def render_batch(loader, epoch: int, step: int, tokenizer=None, max_tokens: int = 400) -> str:
+    """One batch of `loader`, token by token, with its regions marked.
+
+    Region codes: P prefix (bidirectional, unsupervised), P* last prefix position (labelled with the
+    first response token), C causal, - padding.
+    """
+    rows, prefix, causal = loader.host_batch(epoch, step)
+    inputs, labels, positions = rows
+    plan = loader.plan(epoch)
+    ids = plan.batch(step, loader.rank)
+    total = int((prefix + causal).sum())
+    name = (lambda i: repr(tokenizer.token_name(int(i)))) if tokenizer is not None else str
+    lines = [f"epoch {epoch} step {step} rank {loader.rank}/{loader.world_size}: {len(ids)} samples, "
+             f"{total} tokens + {loader.capacity - total} padding = capacity {loader.capacity}",
+             "regions: P prefix (bidirectional, no label)  P* last prefix (labelled with the first "
+             "response token)  C causal  - padding"]
+    start = 0
+    shown = 0
+    for k, (sid, p, c) in enumerate(zip(ids.tolist(), prefix.tolist(), causal.tolist())):
+        lines.append(f"-- sample {k} (dataset index {sid}): prefix {p}, causal {c}, tokens "
+                     f"[{start}, {start + p + c})")
+        for t in range(start, start + p + c):
+            if shown >= max_tokens:
+                break
+            region = "C " if t - start >= p else ("P*" if t - start == p - 1 else "P ")
+            label = "-" if labels[t] == -100 else f"{int(labels[t])} {name(labels[t])}"
+            lines.append(f"{t:7d} {region} pos {int(positions[t]):5d}  in {int(inputs[t]):6d} "
+                         f"{name(inputs[t]):>14s}  -> {label}")
+            shown += 1
+        start += p + c
+    if shown >= max_tokens:
+        lines.append(f"... (showing the first {max_tokens} tokens; --max-tokens to see more)")
+    pad = loader.capacity - total
+    if pad:
+        lines.append(f"-- padding: {pad} tokens [{total}, {loader.capacity}): input "
+                     f"{int(inputs[total])}, label -, pos 0")
+    return "\n".join(lines)
