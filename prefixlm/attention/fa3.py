@@ -59,25 +59,41 @@ def _passes(meta):
     }
 
 
-def _rows(meta, which: str, device) -> torch.Tensor:
-    """Packed row indices of the prefix rows of samples with (which='with_causal') or without
-    causal tokens."""
-    keep = meta.causal_host > 0 if which == "with_causal" else meta.causal_host == 0
+def _prefix_rows(meta, which: str, device) -> torch.Tensor:
+    """Packed row indices of the prefix rows of every sample ("all"), of the samples with causal
+    tokens ("with_causal"), or of those without ("without_causal")."""
+    keep = {"all": np.ones_like(meta.causal_host, dtype=bool),
+            "with_causal": meta.causal_host > 0,
+            "without_causal": meta.causal_host == 0}[which]
     starts, prefix = meta.starts_host[keep], meta.prefix_host[keep]
     rows = np.repeat(starts - np.cumsum(prefix) + prefix, prefix) + np.arange(prefix.sum())
     return torch.from_numpy(rows).to(device, non_blocking=True)
 
 
+def _run_pass(q, k, v, softmax_scale, causal, args):
+    out, lse, *_ = fa3._flash_attn_forward(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                           **args)
+    return out, lse
+
+
 def forward(q, k, v, meta, softmax_scale):
-    out = torch.empty_like(q)
-    lse = q.new_empty(lse_shape(q), dtype=torch.float32)
+    # Each pass writes only its own rows (seqused_q), into its own buffer (FA3's op may not write
+    # into a buffer we pass in and return). The causal pass's buffer becomes the output and the
+    # prefix rows are copied over from the bidirectional pass: only prefix rows are touched.
     passes = _passes(meta)
-    for i, (name, causal) in enumerate((("prefix", False), ("causal", True))):
-        if passes[name]["max_seqlen_q"] == 0:   # no queries in this pass: FA3 is never called
-            continue
-        _, pass_lse, *_ = fa3._flash_attn_forward(q, k, v, out_=out, softmax_scale=softmax_scale,
-                                                  causal=causal, **passes[name])
-        lse[i] = pass_lse
+    lse = q.new_empty(lse_shape(q), dtype=torch.float32)
+    out = None
+    if meta.max_causal > 0:    # FA3 is never called with max_seqlen_q = 0
+        out, lse[1] = _run_pass(q, k, v, softmax_scale, True, passes["causal"])
+    if meta.max_prefix > 0:
+        out_prefix, lse[0] = _run_pass(q, k, v, softmax_scale, False, passes["prefix"])
+        if out is None:
+            out = out_prefix
+        else:
+            rows = _prefix_rows(meta, "all", q.device)
+            out.index_copy_(0, rows, out_prefix.index_select(0, rows))
+    if out is None:
+        out = torch.empty_like(q)
     out[meta.total:].zero_()   # padding rows: only the tail, never the whole buffer
     return out, lse
 
@@ -85,25 +101,28 @@ def forward(q, k, v, meta, softmax_scale):
 def backward(dout, q, k, v, out, lse, meta, softmax_scale, deterministic):
     passes = _passes(meta)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    has_causal = meta.max_causal > 0
-    if has_causal:
+    if meta.max_causal > 0:
         # Pass 2's keys are every row of every sample with causal tokens: dk, dv get all of them.
         fa3._flash_attn_backward(dout, q, k, v, out, lse[1], dq=dq, dk=dk, dv=dv,
                                  softmax_scale=softmax_scale, is_causal=True,
                                  deterministic=deterministic, **_bwd_args(passes["causal"]))
     if meta.max_prefix > 0:
-        # Pass 1's dK/dV are nonzero only on prefix rows. They are added onto pass 2's result on
-        # exactly those rows (copied where a sample has no causal tokens, so pass 2 left them
-        # unwritten); every other row of the pass-1 buffer is never read, so it needs no memset.
-        # dq rows of the two passes are disjoint, so pass 1 writes straight into dq.
-        dk1, dv1 = torch.empty_like(k), torch.empty_like(v)
-        fa3._flash_attn_backward(dout, q, k, v, out, lse[0], dq=dq, dk=dk1, dv=dv1,
+        # Pass 1's gradients are nonzero only on prefix rows (its queries and keys are the
+        # prefixes), so combining touches only those rows and is exact: dq rows of the two passes
+        # are disjoint (copy); dK/dV of prefix rows are the sum of both passes (add), except in
+        # samples without causal tokens, where pass 2 never ran over them (copy). The rest of the
+        # pass-1 buffers is never read, so they need no memset.
+        dq1, dk1, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        fa3._flash_attn_backward(dout, q, k, v, out, lse[0], dq=dq1, dk=dk1, dv=dv1,
                                  softmax_scale=softmax_scale, is_causal=False,
                                  deterministic=deterministic, **_bwd_args(passes["prefix"]))
-        add_rows, copy_rows = _rows(meta, "with_causal", q.device), _rows(meta, "without", q.device)
+        rows = _prefix_rows(meta, "all", q.device)
+        dq.index_copy_(0, rows, dq1.index_select(0, rows))
+        add = _prefix_rows(meta, "with_causal", q.device)
+        copy = _prefix_rows(meta, "without_causal", q.device)
         for full, part in ((dk, dk1), (dv, dv1)):
-            full.index_add_(0, add_rows, part.index_select(0, add_rows))
-            full.index_copy_(0, copy_rows, part.index_select(0, copy_rows))
+            full.index_add_(0, add, part.index_select(0, add))
+            full.index_copy_(0, copy, part.index_select(0, copy))
     for grad in (dq, dk, dv):
         grad[meta.total:].zero_()
     return dq, dk, dv
