@@ -23,7 +23,6 @@ _MODULES = {
     "sdpa": "sdpa",
     "flex": "flex",
     "fa3": "fa3",
-    "triton": "triton_backend",
 }
 # By device type; devices not listed use "default".
 AUTO_ORDER = {
