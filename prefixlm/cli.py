@@ -10,6 +10,7 @@ import sys
 # `func(args) -> int` on them.
 COMMAND_MODULES = (
     "prefixlm.attention.cli",
+    "prefixlm.train.cli",
     "prefixlm.data.cli",
 )
 

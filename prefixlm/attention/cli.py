@@ -66,3 +66,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-grad", action="store_true", help="check the forward only")
     p.add_argument("--deterministic", action="store_true")
     p.set_defaults(func=verify)
+
+    from . import bench
+    bench_parser = subparsers.add_parser("bench", help="benchmarks (GPU)")
+    bench.register(bench_parser.add_subparsers(dest="bench_command", metavar="BENCH"))

@@ -10,23 +10,30 @@ A backend whose optional dependency is missing still imports; it reports the mis
 `unavailable_reason`.
 
 `auto` takes the first backend in AUTO_ORDER[device type] that can run the inputs. On CUDA the order
-follows the measured speed on the H200 (BENCHMARKS.md): fused kernels first, then FA3's two passes,
-then FlexAttention, then SDPA. Elsewhere (CPU, MPS) it is SDPA, which runs everywhere.
+follows the measured speed on the H200 (BENCHMARKS.md): for training the fused Triton kernel, then
+FA3's two passes, FlexAttention, SDPA; for forward-only calls FA3 first. Elsewhere (CPU, MPS) it is
+SDPA, which runs everywhere.
 """
 
 from __future__ import annotations
 
 import importlib
 
+import torch
+
 _MODULES = {
     "reference": "reference_backend",
     "sdpa": "sdpa",
     "flex": "flex",
     "fa3": "fa3",
+    "triton": "triton_backend",
 }
-# By device type; devices not listed use "default".
+# By device type ("cuda_forward": CUDA inputs that need no gradient); others use "default".
 AUTO_ORDER = {
-    "cuda": ("fa3", "flex", "sdpa"),
+    "cuda": ("triton", "fa3", "flex", "sdpa"),
+    # FA3's two-pass forward measured faster than the Triton kernel on the H200; its backward
+    # could not be measured there (forward-only build), so it leads only where no grad is needed.
+    "cuda_forward": ("fa3", "triton", "flex", "sdpa"),
     "default": ("sdpa",),  # CPU, MPS: Flex there is an unfused forward-only fallback
 }
 
@@ -49,7 +56,11 @@ def resolve_backend(name: str, q, k, v):
     """The backend module that will run (q, k, v); raises with the reason if it cannot."""
     if name == "auto":
         reasons = {}
-        order = AUTO_ORDER.get(q.device.type, AUTO_ORDER["default"])
+        key = q.device.type
+        if key == "cuda" and not (torch.is_grad_enabled()
+                                  and any(t.requires_grad for t in (q, k, v))):
+            key = "cuda_forward"
+        order = AUTO_ORDER.get(key, AUTO_ORDER["default"])
         for candidate in order:
             reason = BACKENDS[candidate].unavailable_reason(q, k, v)
             if reason is None:

@@ -199,6 +199,13 @@ class BatchMeta(NamedTuple):
         return len(self.prefix_host)
 
     @property
+    def used_slots(self) -> int:
+        """Slots up to the last non-empty sample: kernels that launch work per sample can ignore
+        the empty padding slots after it."""
+        nonempty = np.flatnonzero(self.prefix_host + self.causal_host)
+        return int(nonempty[-1]) + 1 if len(nonempty) else 0
+
+    @property
     def starts_host(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.prefix_host + self.causal_host)[:-1]]).astype(
             np.int64) if self.slots else np.zeros(0, np.int64)

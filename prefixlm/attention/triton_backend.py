@@ -1,0 +1,58 @@
+"""`backend="triton"`: the fused single-pass PrefixLM kernels of `prefixlm.kernels.prefixlm_attention`.
+
+Runs on CUDA, or on the CPU under the Triton interpreter (`TRITON_INTERPRET=1`, for tests only).
+The forward saves the natural-log LSE, shape (Hq, T). `deterministic=False` may add dQ with fp32
+atomics when the tuned config says that is faster (`BwdConfig.atomic_dq`); `deterministic=True`
+always takes the atomic-free path, which is bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from prefixlm.kernels import prefixlm_attention as _kernels
+except ImportError as exc:  # triton missing
+    _kernels = None
+    _IMPORT_ERROR = str(exc)
+
+NAME = "triton"
+USES_OP = True
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(q, k, v):
+    if _kernels is None:
+        return f"triton is not importable ({_IMPORT_ERROR})"
+    if q.dtype not in _DTYPES:
+        return f"dtype must be float16, bfloat16 or float32, got {q.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim not in _HEAD_DIMS:
+        return f"head_dim must be one of {_HEAD_DIMS}, got {head_dim}"
+    if q.device.type == "cpu":
+        if not _interpreting():
+            return "the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)"
+    elif q.device.type != "cuda":
+        return f"the Triton kernels need a CUDA device, got {q.device.type}"
+    return None
+
+
+def lse_shape(q):
+    return (q.shape[1], q.shape[0])
+
+
+def forward(q, k, v, meta, softmax_scale):
+    return _kernels.prefixlm_attention_fwd(q, k, v, meta, softmax_scale)
+
+
+def backward(dout, q, k, v, out, lse, meta, softmax_scale, deterministic):
+    return _kernels.prefixlm_attention_bwd(dout, q, k, v, out, lse, meta, softmax_scale,
+                                           deterministic)

@@ -1,0 +1,105 @@
+"""Generation: prefill the instruction bidirectionally, then decode the response with a KV cache.
+
+The cache keeps the keys and values of every attention *call* in call order, not per layer, so
+HRM's recurrence (each block called several times per forward) caches each call separately. The
+causal state of a token never depends on later tokens, so cached keys stay valid as tokens are
+added.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import SeqInfo, prefixlm_attention
+
+__all__ = ["KVCache", "generate", "sample_next"]
+
+
+class KVCache:
+    """Keys/values of one sequence, one entry per attention call of the forward pass."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.call = 0
+        self.length = 0
+
+    def begin(self):
+        self.call = 0
+
+    def attend(self, q, k, v, info: SeqInfo, backend: str):
+        index = self.call
+        self.call += 1
+        if index == len(self.keys):  # prefill: the prompt is one bidirectional prefix
+            self.keys.append(k)
+            self.values.append(v)
+            return prefixlm_attention(q, k, v, info, backend=backend)
+        keys = self.keys[index] = torch.cat([self.keys[index], k])
+        values = self.values[index] = torch.cat([self.values[index], v])
+        # New tokens are causal: new token i sees every cached key and new keys 0..i.
+        new, total = q.shape[0], keys.shape[0]
+        allowed = (torch.arange(total, device=q.device)[None, :]
+                   <= torch.arange(total - new, total, device=q.device)[:, None])
+        group = q.shape[1] // k.shape[1]
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1),
+                                             values.transpose(0, 1), attn_mask=allowed)
+        return out.transpose(0, 1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> int:
+    """Greedy when temperature == 0, else nucleus sampling over the smallest set with mass top_p."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p   # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _info(prefix: int, causal: int, device) -> SeqInfo:
+    return SeqInfo.from_lengths([prefix], [causal], device=device)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], *, max_new_tokens: int = 64, stop_id: int | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+             return_logits: bool = False):
+    """Response token ids for one prompt (prefix), stopping after `stop_id` (included).
+
+    use_cache=False recomputes the whole sequence every step (the reference the cache must match).
+    return_logits: also return the list of next-token logits, one per generated token.
+    """
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: generation needs at least one prefix token")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    prefix = len(prompt_ids)
+    out: list[int] = []
+    all_logits = []
+    cache = KVCache() if use_cache else None
+    if use_cache:
+        cache.begin()
+        logits = model(prompt, torch.arange(prefix, device=device), _info(prefix, 0, device),
+                       cache)[-1]
+    for step in range(max_new_tokens):
+        if not use_cache:
+            ids = torch.cat([prompt, prompt.new_tensor(out)])
+            logits = model(ids, torch.arange(len(ids), device=device),
+                           _info(prefix, len(out), device))[-1]
+        all_logits.append(logits.float())
+        token = sample_next(logits, temperature, top_p, generator)
+        out.append(token)
+        if token == stop_id or step == max_new_tokens - 1:
+            break
+        if use_cache:
+            cache.begin()
+            position = torch.tensor([prefix + len(out) - 1], device=device)
+            logits = model(prompt.new_tensor([token]), position, None, cache)[-1]
+    return (out, all_logits) if return_logits else out

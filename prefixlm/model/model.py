@@ -1,0 +1,109 @@
+"""The PrefixLM decoder: embedding, a stack of blocks (or HRM's H/L recurrence), norm, LM head."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..attention import SeqInfo
+from .config import ModelConfig
+from .layers import Block, RMSNorm, rope_tables
+
+
+class PrefixLM(nn.Module):
+    """Decoder over packed rows: `forward(input_ids, position_ids, info) -> logits (T, vocab)`.
+
+    input_ids, position_ids: int64 (T,), T >= info.capacity; position_ids restart at 0 in every
+    sample. Rows past `info.total` are padding; their logits are meaningless and never supervised.
+
+    arch="hrm" (HRM-Text): two stacks over the same input, z_L and z_H, starting from learned
+    vectors. Each of `H_cycles` cycles runs the L stack `L_cycles` times on z_L + z_H + x, then the
+    H stack once on z_H + z_L, so attention runs H_cycles * (L_cycles + 1) times per layer. The first
+    H_cycles - grad_cycles cycles run without autograd (HRM's truncated gradient); logits read z_H.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        if cfg.arch == "transformer":
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        else:
+            h_layers, l_layers = cfg.hrm_layers
+            self.H_blocks = nn.ModuleList(Block(cfg) for _ in range(h_layers))
+            self.L_blocks = nn.ModuleList(Block(cfg) for _ in range(l_layers))
+            self.H_init = nn.Parameter(torch.empty(cfg.hidden))
+            self.L_init = nn.Parameter(torch.empty(cfg.hidden))
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def all_blocks(self) -> list[Block]:
+        if self.cfg.arch == "transformer":
+            return list(self.blocks)
+        return [*self.H_blocks, *self.L_blocks]
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        std = self.cfg.init_std
+        depth = len(self.all_blocks())
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name in ("H_init", "L_init"):
+                nn.init.trunc_normal_(param, std=1.0, a=-2.0, b=2.0)
+            elif name.endswith(("attn.out.weight", "mlp.down.weight")):
+                # Residual branches scaled so the stream's variance does not grow with depth.
+                nn.init.normal_(param, std=std / math.sqrt(2 * depth))
+            else:
+                nn.init.normal_(param, std=std)
+
+    def _stack(self, blocks, x, rope, info, cache):
+        for block in blocks:
+            x = block(x, rope, info, cache)
+        return x
+
+    def hidden_states(self, input_ids, position_ids, info: SeqInfo, cache=None) -> torch.Tensor:
+        cfg = self.cfg
+        x = self.embed(input_ids)
+        rope = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta)
+        if cfg.arch == "transformer":
+            return self.norm(self._stack(self.blocks, x, rope, info, cache))
+        z_H = self.H_init.to(x.dtype).expand_as(x)
+        z_L = self.L_init.to(x.dtype).expand_as(x)
+        for cycle in range(cfg.H_cycles):
+            with torch.set_grad_enabled(torch.is_grad_enabled()
+                                        and cycle >= cfg.H_cycles - cfg.grad_cycles):
+                for _ in range(cfg.L_cycles):
+                    z_L = self._stack(self.L_blocks, z_L + z_H + x, rope, info, cache)
+                z_H = self._stack(self.H_blocks, z_H + z_L, rope, info, cache)
+        return self.norm(z_H)
+
+    def forward(self, input_ids, position_ids, info: SeqInfo, cache=None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, position_ids, info, cache))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.embed.weight.numel()
+        return total
+
+    def flops_per_token(self, mean_attended: float) -> float:
+        """Training FLOPs per token (forward + backward): 6 N for the matmuls, plus attention's
+        QK^T and PV (4 * heads * head_dim * keys, forward; x3 with backward) per attention call.
+        `mean_attended` is the mean number of keys a token attends in the batch."""
+        cfg = self.cfg
+        dense = self.lm_head.weight.numel() + sum(
+            p.numel() for b in self.all_blocks() for p in b.parameters() if p.dim() > 1)
+        if cfg.arch == "hrm":
+            h_layers, l_layers = cfg.hrm_layers
+            calls = cfg.H_cycles * (h_layers + cfg.L_cycles * l_layers)
+            dense = self.lm_head.weight.numel() + dense * calls / (h_layers + l_layers)
+        else:
+            calls = cfg.layers
+        attention = 4 * cfg.heads * cfg.head_dim * mean_attended * calls
+        return 6 * dense + 3 * attention

@@ -1,0 +1,238 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), committed atomically.
+
+Layout: <run_dir>/checkpoints/step_00000100/ holds DCP's shards of model, optimizer, EMA and step,
+one `rank00000.pt` per rank with its loader and RNG states, config.yaml and tokenizer/, and `COMMIT`
+(written last) listing every file with its size. A save goes to `.tmp-step_...`, gets its COMMIT,
+then is renamed: a crash at any point leaves either no new directory or an uncommitted temp one, and
+the previous checkpoint stays the newest complete one. On resume, a checkpoint whose files do not match its COMMIT (truncated,
+missing) or that DCP cannot read is skipped with a warning in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .distributed import all_reduce_sum, barrier
+
+__all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
+           "CheckpointError", "load_model_weights"]
+
+COMMIT = "COMMIT"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names it and says why."""
+
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _train_state(model, optimizer, ema: dict | None, step: int) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(step)}
+    if ema:
+        state["ema"] = ema
+    return state
+
+
+def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dict | None,
+                    loader_state: dict, rank: int, keep: int = 3, write_extra=None) -> Path:
+    """Save and commit step `step`; `write_extra(tmp_dir)` (rank 0) adds files such as the config
+    and tokenizer before the commit, so they are covered by it."""
+    root = Path(ckpt_root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    with warnings.catch_warnings():  # "assuming ... a single process" is what we mean
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(_train_state(model, optimizer, ema, step), checkpoint_id=str(tmp))
+    local = {"loader": loader_state, "rng": rng_state(), "step": step}
+    buffer = io.BytesIO()
+    torch.save(local, buffer)
+    _write_durable(tmp / f"rank{rank:05d}.pt", buffer.getvalue())
+    barrier()
+    if rank == 0:
+        if write_extra is not None:
+            write_extra(tmp)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                 if p.is_file()}
+        world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+        _write_durable(tmp / COMMIT, json.dumps({"step": step, "world_size": world,
+                                                 "files": files}).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. a resumed run ending there)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_dir(root)
+        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def verify(path: Path) -> str | None:
+    """None if `path` is a committed checkpoint whose files match its COMMIT, else the reason."""
+    marker = path / COMMIT
+    if not marker.is_file():
+        return "no COMMIT marker (the save did not finish)"
+    try:
+        commit = json.loads(marker.read_text())
+        files = commit["files"]
+    except (ValueError, KeyError, TypeError):
+        return "COMMIT marker is unreadable"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"file {name} is missing"
+        if f.stat().st_size != size:
+            return f"file {name} has {f.stat().st_size} bytes, COMMIT says {size}"
+    return None
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Committed checkpoints under `root`, oldest first (by step)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir() and (path / COMMIT).is_file():
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def _warn(msg: str, rank: int):
+    if rank == 0:
+        print(f"prefixlm: warning: {msg}", file=sys.stderr)
+
+
+def _load_one(path: Path, model, optimizer, ema: dict | None, rank: int) -> tuple[int, dict]:
+    state = _train_state(model, optimizer, ema, 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    local_file = path / f"rank{rank:05d}.pt"
+    if not local_file.is_file():
+        raise CheckpointError(f"{path} has no {local_file.name}: it was saved with fewer ranks "
+                              "than this run; resume with the same number of processes")
+    local = torch.load(local_file, weights_only=False)
+    return int(state["step"]), local
+
+
+def load_checkpoint(path_or_root: str | Path, model, optimizer, ema: dict | None, rank: int
+                    ) -> tuple[int, dict, Path]:
+    """Restore the newest usable checkpoint (or exactly `path_or_root` if it is one).
+
+    Returns (step, per-rank state {"loader", "rng"}, path). Falls back to older checkpoints when the
+    newest is incomplete or unreadable; raises CheckpointError when none can be used.
+    """
+    path = Path(path_or_root)
+    explicit = _NAME.match(path.name) is not None
+    candidates = [path] if explicit else list(reversed(complete_checkpoints(path)))
+    if not candidates:
+        raise CheckpointError(f"no complete checkpoint under {path}")
+    errors = []
+    for candidate in candidates:
+        reason = verify(candidate)
+        if reason is None:
+            try:
+                step, local = _load_one(candidate, model, optimizer, ema, rank)
+            # DCP wraps read errors in CheckpointException, a BaseException.
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001
+                reason, step, local = f"cannot be read ({type(exc).__name__}: {exc})", -1, None
+        failed = torch.tensor(0 if reason is None else 1)
+        if all_reduce_sum(failed).item() == 0:
+            return step, local, candidate
+        reason = reason or "unreadable on another rank"
+        errors.append(f"{candidate}: {reason}")
+        if not explicit:
+            _warn(f"skipping checkpoint {candidate}: {reason}", rank)
+    raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+
+
+def load_model_weights(path: str | Path, model, use_ema: bool = True) -> bool:
+    """Load the model (and, with use_ema, the EMA weights over it) from one checkpoint directory,
+    in a single process whatever the world size it was saved with. Returns whether EMA was used."""
+    path = Path(path)
+    reason = verify(path)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
+    state = {"model": model.state_dict()}
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    has_ema = any(key.startswith("ema.") for key in metadata.state_dict_metadata)
+    if use_ema and has_ema:
+        state["ema"] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    model.load_state_dict(state["model"])
+    if "ema" in state:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(state["ema"][name])
+        return True
+    return False

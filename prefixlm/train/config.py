@@ -1,0 +1,196 @@
+"""Run configuration: a dataclass read from one YAML file plus `key=value` overrides.
+
+Unknown keys and values of the wrong type are rejected with the key named, so a typo never trains
+silently with a default. Model fields live under `model.` (e.g. `model.hidden=256`); `model.preset`
+picks the base sizes that the other model fields then override.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..model.config import PRESETS, ModelConfig, preset_config
+
+__all__ = ["TrainConfig", "load_config", "parse_overrides", "save_config"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run reads. Defaults are the CPU quick start (`prefixlm train`)."""
+
+    model: ModelConfig = field(default_factory=lambda: preset_config("tiny"))
+    run_dir: str = "runs/default"
+    # Data: "" trains on the built-in synthetic task; else a JSONL file or a prepared dataset dir.
+    data: str = ""
+    eval_data: str = ""          # JSONL or prepared dir; "" with synthetic data: its held-out split
+    tokenizer: str = "byte"
+    context_size: int = 256      # longest sample prepare_sft keeps
+    synthetic_train: int = 20000
+    synthetic_eval: int = 500
+    capacity: int = 2048         # tokens per micro-batch per rank
+    grad_accum: int = 1
+    steps: int = 900
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.99      # 0 disables the EMA
+    use_ema: bool = True         # eval / export read the EMA weights when there are any
+    seed: int = 0
+    device: str = "auto"         # auto | cpu | cuda
+    dtype: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    log_every: int = 1           # JSONL/TensorBoard record every N steps (rates over the window)
+    ckpt_every: int = 100        # 0: only at the end
+    keep_checkpoints: int = 3
+    eval_max_samples: int = 0    # 0: the whole held-out split
+    progress: bool = True
+    tensorboard: bool = True     # when the tensorboard package is installed
+    peak_tflops: float = 0.0     # per device, for MFU; 0: known GPUs only
+    # CPU threads per process. 0: one thread for small models on CPU (their matmuls are too small to
+    # split, and spinning OpenMP threads slow down badly on a busy machine), else torch's default.
+    max_threads: int = 0
+
+    def validate(self) -> "TrainConfig":
+        positive = ("capacity", "grad_accum", "steps", "log_every", "context_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.context_size > self.capacity:
+            raise ValueError(f"context_size ({self.context_size}) must fit in capacity "
+                             f"({self.capacity})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _convert(key: str, value, kind):
+    """`value` as `kind` (bool, int, float, str), or ValueError naming `key`."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(f"{key}: expected a bool (true/false), got {value!r}")
+        try:
+            return kind(text)  # int("3.5") and float("fast") fail, as they should
+        except ValueError:
+            raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ValueError(f"{key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _apply(target, values: dict, prefix: str, source: str):
+    types = _field_types(type(target))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in types:
+            raise ValueError(f"unknown config key {name!r} in {source}; known keys: "
+                             f"{', '.join(prefix + k for k in types)}")
+        kind = types[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name}: expected a mapping in {source}, got {value!r}")
+            _apply(getattr(target, key), value, f"{name}.", source)
+        else:
+            setattr(target, key, _convert(name, value, kind))
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['a=1', 'model.hidden=64'] -> {'a': '1', 'model': {'hidden': '64'}} (values stay text)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None
+                ) -> TrainConfig:
+    """Defaults <- YAML file <- overrides. The model preset is resolved first, then its fields."""
+    from_file: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            from_file = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(from_file, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    overrides = overrides or {}
+
+    preset = "tiny"
+    for source in (from_file, overrides):
+        model = source.get("model")
+        if isinstance(model, dict) and "preset" in model:
+            preset = str(model["preset"])
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {preset!r}; choose one of "
+                         f"{sorted(PRESETS)}")
+    cfg = TrainConfig(model=preset_config(preset))
+    _apply(cfg, from_file, "", str(path))
+    _apply(cfg, overrides, "", "the command line")
+    return cfg.validate()
+
+
+def save_config(cfg: TrainConfig, path: str | Path):
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """The config saved next to a checkpoint, read back exactly (no preset re-resolution)."""
+    values = dict(values)
+    model = ModelConfig.from_dict(values.pop("model"))
+    cfg = TrainConfig(model=model)
+    _apply(cfg, values, "", "the saved config")
+    return cfg

@@ -1,0 +1,86 @@
+"""Process group setup under torchrun and FSDP2 sharding.
+
+Under `torchrun` (WORLD_SIZE > 1) every rank joins one process group: NCCL when the run uses CUDA,
+gloo on CPU. Each block is its own FSDP2 unit (`fully_shard`) and the root module gathers the rest,
+so parameters are sharded across ranks and gathered one block at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+__all__ = ["Dist", "setup", "shard_model", "barrier", "all_reduce_sum", "teardown"]
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: str = "auto") -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not torch_dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        torch_dist.init_process_group(backend=backend,
+                                      device_id=dev if dev.type == "cuda" else None)
+    return Dist(rank, world, local_rank, dev)
+
+
+def teardown():
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier():
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    if not torch_dist.is_initialized():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard_model(model, dist: Dist):
+    """FSDP2: one unit per block, then the root (embedding, final norm, LM head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.all_blocks():
+        fully_shard(block)
+    fully_shard(model)
+    return model

@@ -1,0 +1,87 @@
+"""Per-batch statistics on the device, and the run's logs (JSONL, TensorBoard when installed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["batch_stats", "MetricsLog", "peak_flops"]
+
+
+def batch_stats(logits: torch.Tensor, labels: torch.Tensor, info) -> dict[str, torch.Tensor]:
+    """Summed cross-entropy, token counts and exactly-right samples of one packed batch.
+
+    Sums, not means: the trainer divides by the global supervised-token count. A sample is exact
+    when every one of its supervised tokens is predicted (argmax) right; samples with no supervised
+    token are not counted. Stays on the device (no sync).
+    """
+    rows = labels.shape[0]
+    logits = logits[:rows].float()
+    supervised = labels != -100
+    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    wrong = supervised & (logits.argmax(-1) != labels)
+    lengths = info.host_lens.sum(0)
+    sample_of = torch.repeat_interleave(torch.arange(info.slots), lengths)
+    sample_of = torch.cat([sample_of, torch.full((rows - len(sample_of),), info.slots)])
+    sample_of = sample_of.to(labels.device)
+    per_sample = torch.zeros(info.slots + 1, 2, device=labels.device, dtype=torch.long)
+    per_sample.index_add_(0, sample_of, torch.stack([supervised, wrong], 1).long())
+    per_sample = per_sample[: info.slots]
+    has = per_sample[:, 0] > 0
+    return {
+        "ce_sum": ce,
+        "tokens": supervised.sum(),
+        "correct": (supervised & ~wrong).sum(),
+        "samples": has.sum(),
+        "exact": (has & (per_sample[:, 1] == 0)).sum(),
+    }
+
+
+_PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0,
+                     "4090": 165.0}
+
+
+def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in _PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+class MetricsLog:
+    """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def write(self, record: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

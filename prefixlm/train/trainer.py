@@ -1,0 +1,291 @@
+"""The training loop: micro-batches -> globally normalised loss -> clip -> AdamW -> EMA -> logs.
+
+Loss normalisation: every micro-batch contributes its *summed* cross-entropy divided by the number
+of supervised tokens of the whole step (all micro-batches, all ranks), so a step's gradient is the
+gradient of the mean token loss of the global batch whatever its split into ranks and micro-batches
+(FSDP2 averages gradients over ranks, hence the extra factor world_size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..model import PrefixLM
+from . import checkpoint as ckpt
+from .config import TrainConfig, save_config
+from .distributed import Dist, all_reduce_sum, shard_model
+from .metrics import MetricsLog, batch_stats, peak_flops
+
+__all__ = ["Trainer", "NonFiniteLossError", "lr_at", "evaluate", "autocast_for"]
+
+_STAT_KEYS = ("ce_sum", "tokens", "correct", "samples", "exact")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN/inf; the optimizer step was not taken."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then cosine from lr down to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def attended_keys(info) -> int:
+    """Query-key pairs the PrefixLM mask allows in a batch (for FLOP counting)."""
+    prefix, causal = info.host_lens.numpy()
+    return int((prefix * prefix + causal * prefix + causal * (causal + 1) // 2).sum())
+
+
+class EMA:
+    """Exponential moving average of the parameters in fp32 (local shards under FSDP2).
+
+    The decay ramps up as min(decay, (1 + step) / (10 + step)) so short runs are not dominated by
+    the random initialisation."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [name for name, _ in model.named_parameters()]
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model, step: int):
+        decay = min(self.decay, (1 + step) / (10 + step))
+        params = [p.detach().float() if p.dtype != torch.float32 else p.detach()
+                  for p in model.parameters()]
+        torch._foreach_lerp_([self.shadow[n] for n in self.names], params, 1 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model):
+        """Run the block with the EMA weights in the model, restoring the trained ones after."""
+        backup = {name: p.detach().clone() for name, p in model.named_parameters()}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(backup[name])
+
+
+def build_optimizer(model, cfg: TrainConfig, device: torch.device):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # Matrices decay; norms, HRM init vectors and the embedding table do not.
+        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):  # fused not supported for this device/dtype
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model, batches, cfg: TrainConfig, device: torch.device) -> dict:
+    """Teacher-forced metrics over `batches`. Exact match here equals greedy generation's: greedy
+    decoding reproduces a response iff every teacher-forced argmax along it is right."""
+    model.eval()
+    totals = torch.zeros(len(_STAT_KEYS), device=device, dtype=torch.float64)
+    for batch in batches:
+        with autocast_for(cfg, device):
+            logits = model(batch.inputs, batch.position_ids, batch.info)
+        stats = batch_stats(logits, batch.labels, batch.info)
+        totals += torch.stack([stats[k].double() for k in _STAT_KEYS])
+    model.train()
+    if hasattr(model, "reshard"):
+        # FSDP2 keeps the root unsharded after a forward until its backward; without a backward
+        # the full parameters would stay registered (and the EMA swap would mix in plain tensors).
+        model.reshard()
+    values = dict(zip(_STAT_KEYS, totals.tolist()))
+    tokens, samples = max(values["tokens"], 1), max(values["samples"], 1)
+    return {"loss": values["ce_sum"] / tokens, "token_acc": values["correct"] / tokens,
+            "exact_match": values["exact"] / samples, "samples": int(values["samples"])}
+
+
+class Trainer:
+    """Owns model, optimizer, EMA and the loop. `loader` yields Batch objects and has
+    state_dict()/load_state_dict(); `eval_batches` is a callable returning held-out batches."""
+
+    def __init__(self, cfg: TrainConfig, dist: Dist, loader, *, eval_batches=None,
+                 tokenizer=None):
+        self.cfg, self.dist, self.loader = cfg, dist, loader
+        self.tokenizer = tokenizer
+        self.eval_batches = eval_batches
+        self.device = dist.device
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        # Same seed on every rank: FSDP2 shards one identical initialisation.
+        torch.manual_seed(cfg.seed)
+        model = PrefixLM(cfg.model).to(self.device)
+        if cfg.compile:
+            for block in model.all_blocks():
+                block.compile(dynamic=False)
+        if dist.distributed:
+            shard_model(model, dist)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg, self.device)
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.step = 0
+        self.history: list[dict] = []
+        self.last_checkpoint: Path | None = None
+        self.peak = peak_flops(self.device, cfg.peak_tflops)
+        self.log = MetricsLog(self.run_dir, dist.is_main, cfg.tensorboard)
+        torch.manual_seed(cfg.seed + 1 + dist.rank)  # per-rank stream for anything sampled later
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
+                                    self.ema.shadow if self.ema else None,
+                                    self.loader.state_dict(), self.dist.rank,
+                                    keep=self.cfg.keep_checkpoints,
+                                    write_extra=self._write_extra)
+        self.last_checkpoint = path
+        return path
+
+    def _write_extra(self, directory: Path):
+        """A checkpoint is self-contained: generate / eval / export need only its directory."""
+        save_config(self.cfg, directory / "config.yaml")
+        if self.tokenizer is not None:
+            (directory / "tokenizer").mkdir(exist_ok=True)
+            self.tokenizer.save(directory / "tokenizer")
+
+    def resume(self, where: str | Path | None = None) -> Path:
+        step, local, path = ckpt.load_checkpoint(where or self.ckpt_root, self.model,
+                                                 self.optimizer,
+                                                 self.ema.shadow if self.ema else None,
+                                                 self.dist.rank)
+        self.loader.load_state_dict(local["loader"])
+        ckpt.set_rng_state(local["rng"])
+        self.step = step
+        self.last_checkpoint = path
+        return path
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def train_step(self, batches: list) -> dict:
+        model, cfg = self.model, self.cfg
+        local_tokens = sum((b.labels != -100).sum() for b in batches)
+        global_tokens = all_reduce_sum(local_tokens.to(torch.float32))
+        scale = self.dist.world_size / global_tokens.clamp(min=1)
+        totals = torch.zeros(len(_STAT_KEYS), device=self.device, dtype=torch.float64)
+        attended, rows = 0, 0
+        for i, batch in enumerate(batches):
+            if self.dist.distributed:
+                model.set_requires_gradient_sync(i == len(batches) - 1)
+            with autocast_for(cfg, self.device):
+                logits = model(batch.inputs, batch.position_ids, batch.info)
+            stats = batch_stats(logits, batch.labels, batch.info)
+            (stats["ce_sum"] * scale).backward()
+            totals += torch.stack([stats[k].detach().double() for k in _STAT_KEYS])
+            attended += attended_keys(batch.info)
+            rows += batch.info.total
+        all_reduce_sum(totals)
+        values = dict(zip(_STAT_KEYS, totals.tolist()))  # the one host sync of the step
+        loss = values["ce_sum"] / max(values["tokens"], 1)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {self.step + 1}; stopped before the optimizer step "
+                f"(the last checkpoint is {self.last_checkpoint or 'none'}). Lower lr or check "
+                "the data of this step.")
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"gradient norm is {grad_norm} at step {self.step + 1} (loss {loss:.4f}); stopped "
+                "before the optimizer step")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(model, self.step)
+        self.step += 1
+        samples = max(values["samples"], 1)
+        return {"loss": loss, "token_acc": values["correct"] / max(values["tokens"], 1),
+                "exact_acc": values["exact"] / samples, "grad_norm": grad_norm,
+                "tokens": int(values["tokens"]), "rows": rows, "attended": attended}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self, progress=None, until: int | None = None) -> list[dict]:
+        """Train up to step `cfg.steps` (or `until`, for stopping early on the same schedule)."""
+        cfg, dist = self.cfg, self.dist
+        last = cfg.steps if until is None else min(until, cfg.steps)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        iterator = iter(self.loader)
+        bar = None
+        if progress is None:
+            progress = cfg.progress and dist.is_main
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                       dynamic_ncols=True)
+        window_start, window_rows, window_flops = time.perf_counter(), 0, 0.0
+        try:
+            while self.step < last:
+                lr = lr_at(self.step, cfg)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                batches = [next(iterator) for _ in range(cfg.grad_accum)]
+                stats = self.train_step(batches)
+                window_rows += stats["rows"]
+                mean_attended = stats["attended"] / max(stats["rows"], 1)
+                window_flops += self.model.flops_per_token(mean_attended) * stats["rows"]
+                record = {"kind": "train", "step": self.step, "loss": stats["loss"],
+                          "token_acc": stats["token_acc"], "exact_acc": stats["exact_acc"],
+                          "grad_norm": stats["grad_norm"], "lr": lr,
+                          "supervised_tokens": stats["tokens"]}
+                self.history.append(record)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    record["tokens_per_s"] = window_rows * dist.world_size / elapsed
+                    record["tokens_per_s_per_device"] = window_rows / elapsed
+                    if self.peak:
+                        record["mfu"] = window_flops / elapsed / self.peak
+                    window_start, window_rows, window_flops = time.perf_counter(), 0, 0.0
+                    self.log.write(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['token_acc']:.3f}",
+                                    lr=f"{lr:.1e}")
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == last:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    def evaluate(self) -> dict | None:
+        if self.eval_batches is None:
+            return None
+        context = (self.ema.swapped_in(self.model) if self.ema is not None and self.cfg.use_ema
+                   else contextlib.nullcontext())
+        with context:
+            result = evaluate(self.model, self.eval_batches(), self.cfg, self.device)
+        self.log.write({"kind": "eval", "step": self.step, **result})
+        return result
+
+    def close(self):
+        self.log.close()
