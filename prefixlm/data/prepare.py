@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fsutil import fsync_dir
 from .tokenizer import CHAT_ROLES, load_tokenizer, render_chat
 
 __all__ = ["prepare_sft", "TRUNCATION_POLICIES", "InputError", "FORMAT"]
@@ -121,18 +122,6 @@ def _histogram(values: np.ndarray) -> dict:
     return {(f"{lo}" if hi - 1 == lo else f"{lo}-{hi - 1}"): int(c)
             for lo, hi, c in zip(edges[:-1], edges[1:], counts) if c}
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -237,7 +226,7 @@ def prepare_sft(inputs, output, tokenizer="byte", context_size: int = 4097, epoc
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _commit(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,14 +258,14 @@ def _commit(tmp: Path, output: Path) -> None:
     """
     old = None
     if output.exists() and _exchange(tmp, output):
-        _fsync_dir(output.parent)
+        fsync_dir(output.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         return
     if output.exists():
         old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(output, old)
     os.replace(tmp, output)
-    _fsync_dir(output.parent)
+    fsync_dir(output.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -403,7 +392,7 @@ def _prepare_into(tmp: Path, inputs, tok, decide: _Decider, epochs: int, seed: i
         (tmp / f"epoch_{k}").mkdir()
         for name in INDEX_FIELDS:
             _save_npy(tmp / f"epoch_{k}" / f"{name}.npy", index[name][order])
-        _fsync_dir(tmp / f"epoch_{k}")
+        fsync_dir(tmp / f"epoch_{k}")
     tok.save(tmp)
 
     inst_len, resp_len = index["inst_len"], index["resp_len"]

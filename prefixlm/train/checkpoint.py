@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from ..fsutil import fsync_dir
 from .distributed import all_reduce_sum, barrier
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
@@ -39,18 +40,6 @@ _NAME = re.compile(r"^step_(\d+)$")
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and says why."""
 
-
-def _fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_durable(path: Path, data: bytes):
@@ -112,11 +101,11 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dic
         world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
         _write_durable(tmp / COMMIT, json.dumps({"step": step, "world_size": world,
                                                  "files": files}).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. a resumed run ending there)
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
