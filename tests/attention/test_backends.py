@@ -42,6 +42,16 @@ def test_batch_kinds_fp64(backend, kind):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ("edge_mix", "many_tiny", "long_among_short"))
+def test_batch_kinds_fp32(backend, kind):
+    """Guards the fp32 path (the dtype CPU users train in) at the hardest boundaries, against an
+    fp64 oracle with the same rule (its absolute floor admits fp32 rounding of exact zeros)."""
+    case = make_case(kind, SESSION_SEED + 100 + BATCH_KINDS.index(kind), num_q_heads=4,
+                     num_kv_heads=2, head_dim=64, dtype=torch.float32)
+    _assert_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), backend, case)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("heads", ((6, 2), (3, 1), (4, 4)), ids=("gqa3", "mqa", "mha"))
 @pytest.mark.parametrize("head_dim", (64, 128))
