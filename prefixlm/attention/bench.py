@@ -1,9 +1,10 @@
 """`prefixlm bench attention`: every case of bench_spec.md for every available method, side by side.
 
 Methods: `triton` (this package's fused kernels), `cudnn` (the two-pass cuDNN backend; its records
-also carry the graph-building cost of a first call on an empty graph cache), `flex` (FlexAttention, document + prefix block mask,
-compiled), `sdpa_padded` (SDPA on the batch padded to its longest sample with a boolean mask; the
-gather into the padded layout is outside the timed region), and, when `flash_attn_interface` imports,
+also carry the graph-building cost of a first call on an empty graph cache), `flex`
+(FlexAttention, document + prefix block mask, compiled), `sdpa_padded` (SDPA on the batch padded
+to its longest sample with a boolean mask; the gather into the padded layout is outside the timed
+region), and, when `flash_attn_interface` imports,
 `fa3` (the two-pass forward, both FA3 kernels called directly) and the bounds `fa3_causal` / `fa3_full` (FA3 varlen forward over the
 same samples, plain causal or full). Timing: CUDA events around each call, warm-up first, median of
 `iters` (>= 20) runs. Useful FLOPs count allowed (q, k) pairs only: forward = 4 * pairs * D * Hq,
@@ -179,7 +180,7 @@ def _fa3_bound_runner(inp: _Inputs, causal: bool):
 
 
 def _runner(method: str, inp: _Inputs, backward: bool):
-    if method in ("triton", "flex", "fa3"):  # fa3: the two-pass backend, through the op
+    if method in ("triton", "cudnn", "flex", "fa3"):  # fa3: the two-pass backend, through the op
         return _api_runner(inp, method, backward)
     if method == "sdpa_padded":
         return _sdpa_padded_runner(inp, backward)

@@ -25,7 +25,8 @@ Scheduling. Tiles are listed on the host from the batch's host lengths (no GPU s
 longest-first, and copied to the device from pinned memory; program id = tile * heads + head, so
 the most expensive tiles of every head start first and short ones fill the tail.
 
-Backward. `delta` (D_i) is a small pre-kernel. dK/dV come from a key-major kernel that loops over the
+Backward. `delta` (D_i) is a small pre-kernel (rows of samples of <= 32 tokens then get the exact
+sum_j P_ij dP_ij instead, computed densely: there the 16-bit rounding of o_i would dominate). dK/dV come from a key-major kernel that loops over the
 G query heads of its key/value head, so GQA needs no reduction buffer. dQ either comes from a second,
 query-major kernel (deterministic: no atomics) or is added with fp32 atomics into a Q-sized scratch
 buffer from inside the key-major kernel and converted by a small post-kernel (not bitwise
@@ -536,6 +537,8 @@ def prefixlm_attention_bwd(dout, q, k, v, out, lse, meta, softmax_scale: float,
         out, dout, delta, total, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         delta.stride(0), HEAD_DIM=head_dim, BLOCK=delta_block, num_warps=4)
 
+    _exact_delta_of_short_samples(delta, q, k, v, dout, meta, softmax_scale)
+
     prec = _dot_precision(q.dtype)
     if atomic:
         dq_acc = torch.zeros((rows, num_heads, head_dim), device=q.device, dtype=torch.float32)
@@ -584,6 +587,47 @@ def prefixlm_attention_bwd(dout, q, k, v, out, lse, meta, softmax_scale: float,
         launch_dkdv()
         launch_dq()
     return dq, dk, dv
+
+
+SHORT_SAMPLE = 32  # samples up to this length get D from P . dP (see below)
+
+
+def _exact_delta_of_short_samples(delta, q, k, v, dout, meta, softmax_scale):
+    """Replace D_i = do_i . o_i by the exact sum_j P_ij dP_ij for rows of short samples.
+
+    o_i was rounded to 16 bits on output, and in a row with only a few keys that rounding is a
+    large part of dP_ij - D_i (with one key, dS must be exactly 0). Rows of long samples average
+    it out; short ones are cheap to redo densely in fp32 (batched, O(sum L^2) for L <= 32).
+    """
+    lens = meta.prefix_host + meta.causal_host
+    short = np.flatnonzero((lens > 0) & (lens <= SHORT_SAMPLE))
+    if len(short) == 0:
+        return
+    width = int(lens[short].max())
+    pos = np.arange(width)
+    gather = meta.starts_host[short, None] + np.minimum(pos[None, :], lens[short, None] - 1)
+    valid = pos[None, :] < lens[short, None]
+    allowed = (pos[None, None, :] < meta.prefix_host[short, None, None]) | (
+        pos[None, None, :] <= pos[None, :, None])
+    allowed &= valid[:, None, :]
+    # Index arrays are built on the host (a boolean mask on the device would force a sync).
+    rows, flat = gather[valid], np.flatnonzero(valid)
+    host = np.concatenate([gather.ravel(), rows, flat, allowed.ravel()]).astype(np.int64)
+    dev = torch.from_numpy(host)
+    if q.is_cuda:
+        dev = dev.pin_memory().to(q.device, non_blocking=True)
+    sizes = (gather.size, rows.size, flat.size, allowed.size)
+    idx, rows_t, flat_t, allowed_t = dev.split(sizes)
+    idx, allowed_t = idx.view(gather.shape), allowed_t.view(allowed.shape).bool()
+    group = q.shape[1] // k.shape[1]
+    qs, dos = q[idx].float(), dout[idx].float()                              # (B, L, Hq, D)
+    ks = k[idx].float().repeat_interleave(group, 2)
+    vs = v[idx].float().repeat_interleave(group, 2)
+    scores = torch.einsum("bihd,bjhd->bhij", qs, ks) * softmax_scale
+    probs = torch.softmax(scores.masked_fill(~allowed_t[:, None], float("-inf")), dim=-1)
+    dprobs = torch.einsum("bihd,bjhd->bhij", dos, vs)
+    exact = (probs * dprobs).sum(-1).transpose(1, 2).reshape(-1, q.shape[1])  # (B * L, Hq)
+    delta.index_copy_(1, rows_t, exact.index_select(0, flat_t).t())
 
 
 def flops(prefix_lens, causal_lens, num_heads: int, head_dim: int) -> float:

@@ -102,3 +102,32 @@ def test_auto_picks_sdpa_on_cpu():
     """Guards the documented auto rule on CPU (the portable path)."""
     q, k, v = _qkv()
     assert resolve_backend("auto", q, k, v).NAME == "sdpa"
+
+
+def test_auto_rule_by_shape_class(monkeypatch):
+    """Guards the documented auto rule (README, registry): on an sm90 GPU, training on long
+    head-dim-128 batches goes to cudnn first, other training to triton, forward-only calls to fa3.
+    Fake CUDA tensors stand in for a GPU: the rule reads only static properties."""
+    from types import SimpleNamespace
+
+    from prefixlm.attention import registry
+
+    monkeypatch.setattr(registry, "_is_sm90", lambda index: True)
+
+    def fake(rows, head_dim, grad):
+        return SimpleNamespace(device=torch.device("cuda", 0), shape=(rows, 8, head_dim),
+                               requires_grad=grad)
+
+    def cls(rows, head_dim, grad):
+        t = fake(rows, head_dim, grad)
+        return registry.auto_class(t, t, t)
+
+    assert cls(65536, 128, True) == "cuda_sm90_train_hd128_long"
+    assert registry.AUTO_ORDER[cls(65536, 128, True)][0] == "cudnn"
+    assert registry.AUTO_ORDER[cls(16384, 128, True)][0] == "triton"
+    assert registry.AUTO_ORDER[cls(65536, 64, True)][0] == "triton"
+    assert registry.AUTO_ORDER[cls(65536, 128, False)][0] == "fa3"
+    with torch.no_grad():
+        assert cls(65536, 128, True) == "cuda_forward"
+    monkeypatch.setattr(registry, "_is_sm90", lambda index: False)
+    assert cls(65536, 128, True) == "cuda_train"
