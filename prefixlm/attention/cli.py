@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import time
 
@@ -69,4 +70,7 @@ def register(subparsers) -> None:
 
     from . import bench
     bench_parser = subparsers.add_parser("bench", help="benchmarks (GPU)")
-    bench.register(bench_parser.add_subparsers(dest="bench_command", metavar="BENCH"))
+    bench_commands = bench_parser.add_subparsers(dest="bench_command", metavar="BENCH")
+    bench.register(bench_commands)
+    # `bench train` drives the trainer, a layer above this one: imported by name, for the CLI only.
+    importlib.import_module("prefixlm.train.bench").register(bench_commands)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..attention import SeqInfo
 from .config import ModelConfig
+from .flops import step_flops
 from .layers import Block, RMSNorm, rope_tables
 
 
@@ -93,17 +94,6 @@ class PrefixLM(nn.Module):
         return total
 
     def flops_per_token(self, mean_attended: float) -> float:
-        """Training FLOPs per token (forward + backward): 6 N for the matmuls, plus attention's
-        QK^T and PV (4 * heads * head_dim * keys, forward; x3 with backward) per attention call.
-        `mean_attended` is the mean number of keys a token attends in the batch."""
-        cfg = self.cfg
-        dense = self.lm_head.weight.numel() + sum(
-            p.numel() for b in self.all_blocks() for p in b.parameters() if p.dim() > 1)
-        if cfg.arch == "hrm":
-            h_layers, l_layers = cfg.hrm_layers
-            calls = cfg.H_cycles * (h_layers + cfg.L_cycles * l_layers)
-            dense = self.lm_head.weight.numel() + dense * calls / (h_layers + l_layers)
-        else:
-            calls = cfg.layers
-        attention = 4 * cfg.heads * cfg.head_dim * mean_attended * calls
-        return 6 * dense + 3 * attention
+        """Training FLOPs per token (forward + backward) when a token attends `mean_attended`
+        keys on average; HRM's cycles without gradient count forward only (`model.flops`)."""
+        return step_flops(self.cfg, 1, mean_attended)

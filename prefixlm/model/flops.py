@@ -1,0 +1,36 @@
+"""Model FLOPs of a training step, one formula for the trainer's MFU and `prefixlm bench train`.
+
+Per optimizer step on T real tokens with `pairs` allowed (query, key) pairs (PrefixLM: per sample
+p*p + c*p + c*(c+1)/2), counting a matmul of m x k by k x n as 2*m*k*n:
+
+    3 * 2*T*N_head  +  sum over block calls  m * (2*T*N_block + 4*Hq*D*pairs)
+
+m = 3 for a block call under autograd (forward + backward = 3 x forward) and 1 for the HRM cycles
+that run without gradient; N_block counts the matmul weights of one block.
+"""
+
+from __future__ import annotations
+
+
+def block_matrix_params(cfg) -> int:
+    """Weights of one block's matmuls: fused q/k/v/gate, output, SwiGLU gate/up and down."""
+    q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return (cfg.hidden * (q_dim + 2 * kv_dim + cfg.heads) + q_dim * cfg.hidden
+            + cfg.hidden * 2 * cfg.ffn_dim + cfg.ffn_dim * cfg.hidden)
+
+
+def block_calls(cfg) -> tuple[int, int]:
+    """(block calls under autograd, block calls without) per forward."""
+    if cfg.arch != "hrm":
+        return cfg.layers, 0
+    h_layers, l_layers = cfg.hrm_layers
+    per_cycle = h_layers + cfg.L_cycles * l_layers
+    return cfg.grad_cycles * per_cycle, (cfg.H_cycles - cfg.grad_cycles) * per_cycle
+
+
+def step_flops(cfg, tokens: int, pairs: int) -> float:
+    """Model FLOPs of one optimizer step on `tokens` real tokens (module docstring's formula)."""
+    grad_calls, forward_calls = block_calls(cfg)
+    per_call = 2.0 * tokens * block_matrix_params(cfg) + 4.0 * cfg.heads * cfg.head_dim * pairs
+    head = 2.0 * tokens * cfg.vocab_size * cfg.hidden
+    return 3 * head + (3 * grad_calls + forward_calls) * per_call

@@ -1,0 +1,458 @@
+"""`prefixlm bench train`: training throughput of the whole stack per attention backend.
+
+For each architecture (`transformer`; `hrm` with H_cycles 2, L_cycles 3) and each attention backend,
+a fresh `Trainer` (same seed, same config except `model.attention_backend`) takes `warmup` optimizer
+steps, untimed (torch.compile, Triton autotuning, cuDNN graph building), then `steps` timed ones. A
+step is the Trainer's own `train_step`: forward under bf16 autocast (CUDA), loss, backward, clip,
+AdamW, EMA, with a device synchronisation after it, so a step time is the wall time of all of it.
+Under torchrun the Trainer shards the model with FSDP2 and every rank draws its own batches.
+
+Data: packed PrefixLM batches whose lengths come from bench_spec.md's generator (p in [16, 2048],
+c in [1, 1024], drawn one sample at a time; the sample that would overflow the capacity ends the
+batch). Batch i of rank r uses seed `seed + i * world_size + r`, so with seed 1 on one GPU the first
+batch is the spec's. Token ids: Zipf-distributed prefixes and a learnable response (the prefix
+shifted by one id, cycled), the same data `bench/convergence.py` trains on.
+
+FLOPs per optimizer step (model FLOPs: no credit for recomputation, embedding lookups not counted),
+with T = real tokens of the batch (padding excluded) and, per sample, pairs = p*p + c*p + c*(c+1)/2
+(the (query, key) pairs the PrefixLM mask allows):
+
+    FLOPs = 3 * 2 * T * N_head + sum over block calls of m * (2 * T * N_block + 4 * Hq * D * pairs)
+
+N_block = parameters of a block's matrices (qkvg, out, gate_up, down), N_head = vocab * hidden (LM
+head), Hq * D = query heads x head dim, m = 3 for a call under autograd (forward + backward = 3x the
+forward) and m = 1 for a call without (HRM's first H_cycles - grad_cycles cycles). A transformer
+is thus 6 * T * N + 12 * layers * Hq * D * pairs. MFU = FLOPs / step time / peak, with peak = 989e12
+(H100/H200 dense bf16) per GPU unless --peak-tflops says otherwise.
+Reported per (arch, backend): real tokens/s (per GPU and over all GPUs), median and mean step time,
+TFLOP/s and MFU per GPU, peak memory (torch.cuda.max_memory_allocated, max over ranks), tokens/s
+relative to `flex`, graphs compiled during the timed steps (should be 0) and in all (a large count
+means recompiles, and past dynamo's cache limit blocks silently run eagerly: see the log).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from ..model.flops import block_matrix_params, step_flops
+
+__all__ = ["draw_lengths", "make_batch", "SpecLoader", "useful_pairs", "block_matrix_params",
+           "step_flops", "fa3_unavailable_reason", "run_train_bench", "register", "main"]
+
+DEFAULT_BACKENDS = ("triton", "cudnn", "flex", "sdpa", "fa3")  # fa3 only where its backward runs
+ARCHS = ("transformer", "hrm")
+HRM_OVERRIDES = ["model.arch=hrm", "model.H_cycles=2", "model.L_cycles=3"]
+PEAK_TFLOPS = 989.0
+
+
+# -- data ------------------------------------------------------------------------------------------
+def draw_lengths(capacity: int, seed: int, zero_causal_frac: float = 0.0, max_prefix: int = 2048,
+                 max_causal: int = 1024):
+    """(prefix_lens, causal_lens) of one batch, drawn exactly as bench_spec.md says (same order of
+    draws from one generator); `max_prefix` / `max_causal` shrink the ranges for CPU tests only."""
+    if capacity < max_prefix + max_causal:
+        raise ValueError(f"capacity {capacity} cannot hold the longest sample ({max_prefix} + "
+                         f"{max_causal} tokens); lower --max-prefix/--max-causal or raise it")
+    g = torch.Generator().manual_seed(seed)
+    prefix, causal, total = [], [], 0
+    while True:
+        p = int(torch.randint(min(16, max_prefix), max_prefix + 1, (1,), generator=g))
+        c = int(torch.randint(1, max_causal + 1, (1,), generator=g))
+        u = torch.rand(1, generator=g).item()
+        if u < zero_causal_frac:
+            c = 0
+        if total + p + c > capacity:
+            return prefix, causal
+        prefix.append(p)
+        causal.append(c)
+        total += p + c
+
+
+@functools.lru_cache(maxsize=4)
+def _zipf(vocab: int) -> torch.Tensor:
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    return (weights / weights.sum()).float()
+
+
+def make_batch(prefix, causal, capacity: int, vocab: int, seed: int, device="cpu"):
+    """A packed batch in the data layer's convention (`prefixlm.data.loader`): sample = S[:-1] with
+    S = prefix (p ids drawn from a Zipf law over the vocabulary) + response (c + 1 ids: the prefix
+    shifted by one id, cycled); labels S[1:] from the last prefix row on, so a zero-causal sample
+    still supervises one token. Learnable on two time scales (unigram frequencies within tens of
+    steps, then copying from the prefix), so a convergence curve falls instead of sitting at
+    log(vocab)."""
+    from ..attention import SeqInfo
+    from ..data.loader import IGNORE_INDEX, Batch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.multinomial(_zipf(vocab), max(sum(prefix), 1), replacement=True, generator=g)
+    inputs = torch.zeros(capacity, dtype=torch.long)
+    labels = torch.full((capacity,), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros(capacity, dtype=torch.long)
+    at = taken = 0
+    for p, c in zip(prefix, causal):
+        if p < 1:
+            raise ValueError("every sample needs a prefix token (the last one is labelled)")
+        head = ids[taken:taken + p]
+        taken += p
+        response = (head[torch.arange(c + 1) % p] + 1) % vocab
+        seq = torch.cat([head, response])
+        inputs[at:at + p + c] = seq[:-1]
+        labels[at + p - 1:at + p + c] = seq[p:]
+        positions[at:at + p + c] = torch.arange(p + c)
+        at += p + c
+    info = SeqInfo.from_lengths(prefix, causal, capacity=capacity, device=device)
+    return Batch(inputs.to(device), labels.to(device), positions.to(device), info)
+
+
+class SpecLoader:
+    """Endless batches of `make_batch` over `draw_lengths`, with the Trainer's loader contract
+    (iterable, state_dict / load_state_dict). Every `all_zero_causal_every`-th batch (0: none) has
+    zero_causal_frac 1.0: every sample without causal tokens."""
+
+    def __init__(self, capacity: int, vocab: int, *, seed: int = 1, rank: int = 0,
+                 world_size: int = 1, device="cpu", zero_causal_frac: float = 0.0,
+                 max_prefix: int = 2048, max_causal: int = 1024, all_zero_causal_every: int = 0):
+        self.capacity, self.vocab, self.seed = capacity, vocab, seed
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.zero_causal_frac, self.max_prefix, self.max_causal = (zero_causal_frac, max_prefix,
+                                                                   max_causal)
+        self.all_zero_causal_every = all_zero_causal_every
+        self.position = 0
+
+    def is_all_zero_causal(self, index: int) -> bool:
+        every = self.all_zero_causal_every
+        return bool(every) and index % every == every - 1
+
+    def batch(self, index: int):
+        seed = self.seed + index * self.world_size + self.rank
+        frac = 1.0 if self.is_all_zero_causal(index) else self.zero_causal_frac
+        prefix, causal = draw_lengths(self.capacity, seed, frac, self.max_prefix, self.max_causal)
+        return make_batch(prefix, causal, self.capacity, self.vocab, seed, self.device)
+
+    def __iter__(self):
+        while True:
+            batch = self.batch(self.position)
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+# -- FLOPs -----------------------------------------------------------------------------------------
+def useful_pairs(info) -> int:
+    """Allowed (query, key) pairs of a batch: sum of p*p + c*p + c*(c+1)/2 over its samples."""
+    prefix, causal = info.host_lens.numpy().astype(np.int64)
+    return int((prefix * prefix + causal * prefix + causal * (causal + 1) // 2).sum())
+
+
+# -- backends --------------------------------------------------------------------------------------
+def fa3_unavailable_reason(device) -> str | None:
+    """None when FlashAttention-3 imports and its backward runs here; else why not. Forward-only
+    builds exist (the one the spec measured), so a tiny backward is tried, not just the import."""
+    try:
+        import flash_attn_interface  # noqa: F401
+    except ImportError as exc:
+        return f"flash_attn_interface is not importable ({exc})"
+    if torch.device(device).type != "cuda":
+        return "FlashAttention-3 needs CUDA"
+    from ..attention import SeqInfo, prefixlm_attention
+
+    try:
+        info = SeqInfo.from_lengths([40, 24], [24, 0], capacity=96, device=device)
+        q, k, v = (torch.randn(96, 2, 128, device=device, dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        out = prefixlm_attention(q, k, v, info, backend="fa3")
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            return "FA3 backward gave non-finite gradients on a tiny batch"
+    except Exception as exc:  # a forward-only build fails in many ways; any of them disqualifies
+        return f"FA3 backward does not run: {type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+# -- the benchmark ---------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _cudnn_graphs() -> int:
+    from ..attention import cudnn
+    return cudnn.graph_cache_info()["graphs"]
+
+
+def _reduce(values: list[float], op: str) -> list[float]:
+    import torch.distributed as torch_dist
+    if not torch_dist.is_initialized():
+        return values
+    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM if op == "sum" else torch_dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float) -> dict:
+    """Warm-up then timed optimizer steps of one fresh Trainer; the record's measured fields."""
+    from .trainer import Trainer
+
+    device = dist.device
+    loader = SpecLoader(cfg.capacity, cfg.model.vocab_size, rank=dist.rank,
+                        world_size=dist.world_size, device=device, **loader_kwargs)
+    # Batches are built before timing (a real loader prefetches them on a thread).
+    batches = [loader.batch(i) for i in range(warmup + steps)]
+    graphs_before = _unique_graphs()
+    trainer = Trainer(cfg, dist, loader)
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        for batch in batches[:warmup]:
+            trainer.train_step([batch])
+        _sync(device)
+        warmup_s = time.perf_counter() - started
+        graphs, cudnn_graphs = _unique_graphs(), _cudnn_graphs()
+        times, losses, tokens, flops = [], [], 0, 0.0
+        for batch in batches[warmup:]:
+            start = time.perf_counter()
+            stats = trainer.train_step([batch])
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            losses.append(stats["loss"])
+            tokens += batch.info.total
+            flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info))
+        elapsed = sum(times)
+        peak_mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                    else None)
+        # Ranks run in lockstep (the step's all-reduces): one wall time, tokens and FLOPs summed.
+        all_tokens, all_flops, all_elapsed = _reduce([tokens, flops, elapsed], "sum")
+        world = dist.world_size
+        record = dict(
+            params=trainer.model.num_params(non_embedding=False),
+            tokens_per_step=all_tokens / steps / world,
+            pairs_per_step=statistics.mean(useful_pairs(b.info) for b in batches[warmup:]),
+            step_ms_median=statistics.median(times) * 1e3,
+            step_ms_mean=all_elapsed / world / steps * 1e3,
+            tokens_per_s=all_tokens / (all_elapsed / world),
+            tokens_per_s_per_gpu=all_tokens / all_elapsed,
+            tflops_per_gpu=all_flops / all_elapsed / 1e12,
+            mfu=all_flops / all_elapsed / peak,
+            peak_mem_gib=(_reduce([peak_mem], "max")[0] if peak_mem is not None else None),
+            warmup_s=warmup_s,
+            loss_first=losses[0], loss_last=losses[-1],
+            graphs_compiled_during_timing=_unique_graphs() - graphs,
+            graphs_compiled_total=_unique_graphs() - graphs_before,
+            cudnn_graphs_built_during_timing=_cudnn_graphs() - cudnn_graphs,
+        )
+        return record
+    finally:
+        trainer.close()
+        del trainer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _config(preset: str, capacity: int, vocab: int, compile_: bool, device: str, arch: str,
+            backend: str, overrides: list[str], run_dir: str):
+    from .config import load_config
+
+    items = [f"model.preset={preset}", f"model.vocab_size={vocab}", f"capacity={capacity}",
+             f"context_size={min(256, capacity)}", f"compile={str(compile_).lower()}",
+             f"device={device}", "lr=3e-4", "warmup_steps=1", "progress=false",
+             "tensorboard=false", "ckpt_every=0", f"run_dir={run_dir}"]
+    if arch == "hrm":
+        items += HRM_OVERRIDES
+    items += [*overrides, f"model.attention_backend={backend}"]
+    return load_config(None, items)
+
+
+def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20,
+                    warmup: int = 3, backends=DEFAULT_BACKENDS, archs=ARCHS, compile_: bool = True,
+                    vocab: int = 32768, seed: int = 1, zero_causal_frac: float = 0.0,
+                    max_prefix: int = 2048, max_causal: int = 1024, device: str = "auto",
+                    peak_tflops: float = PEAK_TFLOPS, overrides=(), json_path: str | None = None,
+                    command: str = "") -> list[dict]:
+    """Benchmark every (arch, backend); prints records as they come and a table at the end; rank 0
+    writes the JSON after every record (a run cut short keeps what it measured). Under torchrun,
+    call it on every rank."""
+    from .distributed import setup
+
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    for arch in archs:
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    dist = setup(device)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    loader_kwargs = dict(seed=seed, zero_causal_frac=zero_causal_frac, max_prefix=max_prefix,
+                         max_causal=max_causal)
+    run_dir = tempfile.mkdtemp(prefix="prefixlm-bench-train-")  # the Trainer writes nothing here
+    fa3_reason = fa3_unavailable_reason(dist.device) if "fa3" in backends else None
+    meta = dict(date=datetime.date.today().isoformat(), command=command,
+                device=(torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda"
+                        else "cpu"),
+                torch=torch.__version__, triton=_version("triton"), world_size=dist.world_size,
+                preset=preset, capacity=capacity, steps=steps, warmup=warmup, compile=compile_,
+                vocab=vocab, seed=seed, zero_causal_frac=zero_causal_frac, max_prefix=max_prefix,
+                max_causal=max_causal, peak_tflops=peak_tflops, overrides=list(overrides),
+                hrm=HRM_OVERRIDES, fa3=fa3_reason or "backward runs",
+                flops="3*2*T*N_head + sum over block calls m*(2*T*N_block + 4*Hq*D*pairs), "
+                      "m=3 with autograd, 1 without; pairs = sum p*p + c*p + c*(c+1)/2")
+    say(f"prefixlm bench train: preset {preset}, {capacity} tokens per GPU, {warmup} warm-up + "
+        f"{steps} timed steps, compile={compile_}, {dist.world_size} x {meta['device']}",
+        flush=True)
+    records = []
+    for arch in archs:
+        for backend in backends:
+            rec = dict(arch=arch, backend=backend, world_size=dist.world_size, error=None)
+            if backend == "fa3" and fa3_reason:
+                rec["error"] = f"skipped: {fa3_reason}"
+            else:
+                cfg = _config(preset, capacity, vocab, compile_, dist.device.type, arch, backend,
+                              list(overrides), run_dir)
+                if compile_:
+                    torch._dynamo.reset()  # every backend compiles afresh, under the same limits
+                try:
+                    rec.update(_run_one(cfg, dist, loader_kwargs, steps, warmup,
+                                        peak_tflops * 1e12))
+                except Exception as exc:  # report and go on: one backend must not hide the rest
+                    rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
+                # Out of the except block: its traceback no longer holds the failed run's tensors.
+                gc.collect()
+                if dist.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            records.append(rec)
+            _add_ratios(records)
+            say(_line(rec), flush=True)
+            if json_path and dist.is_main:
+                with open(json_path, "w") as fh:
+                    json.dump(dict(meta=meta, records=records), fh, indent=1)
+    say(_table(records), flush=True)
+    return records
+
+
+def _add_ratios(records):
+    flex = {r["arch"]: r.get("tokens_per_s") for r in records
+            if r["backend"] == "flex" and not r["error"]}
+    for r in records:
+        base = flex.get(r["arch"])
+        r["vs_flex"] = (r["tokens_per_s"] / base if base and not r["error"] else None)
+
+
+def _version(name):
+    try:
+        return __import__(name).__version__
+    except ImportError:
+        return None
+
+
+def _line(r) -> str:
+    if r["error"]:
+        return f"  {r['arch']:<11} {r['backend']:<7} n/a ({r['error']})"
+    mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
+    return (f"  {r['arch']:<11} {r['backend']:<7} {r['tokens_per_s_per_gpu']:>10.0f} tok/s/GPU  "
+            f"{r['step_ms_median']:8.1f} ms/step  MFU {100 * r['mfu']:5.1f}%  {mem}  "
+            f"(warm-up {r['warmup_s']:.0f} s, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, "
+            f"recompiles {r['graphs_compiled_during_timing']})")
+
+
+def _fmt(value, spec, scale=1.0):
+    return "n/a" if value is None else format(value * scale, spec)
+
+
+def _table(records) -> str:
+    rows = ["", "| arch | backend | tokens/s per GPU | step ms (median) | TFLOP/s per GPU | MFU | "
+                "peak mem GiB | vs flex |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r["error"]:
+            rows.append(f"| {r['arch']} | {r['backend']} | n/a | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        rows.append(f"| {r['arch']} | {r['backend']} | {r['tokens_per_s_per_gpu']:.0f} | "
+                    f"{r['step_ms_median']:.1f} | {r['tflops_per_gpu']:.0f} | "
+                    f"{100 * r['mfu']:.1f}% | {_fmt(r['peak_mem_gib'], '.1f')} | "
+                    f"{_fmt(r['vs_flex'], '.2f')}{'x' if r['vs_flex'] else ''} |")
+    return "\n".join(rows)
+
+
+# -- command line ----------------------------------------------------------------------------------
+def _names(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="train config overrides applied to every run (e.g. model.kv_heads=2)")
+    parser.add_argument("--preset", default="L", help="model preset (default L = 24x1280x10)")
+    parser.add_argument("--capacity", type=int, default=16384, help="tokens per GPU per step")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
+                        help="comma-separated attention backends (fa3 runs only where its "
+                             "backward works)")
+    parser.add_argument("--archs", default=",".join(ARCHS), help="transformer,hrm")
+    parser.add_argument("--no-compile", action="store_true", help="run the blocks eagerly")
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the first batch's lengths")
+    parser.add_argument("--zero-causal-frac", type=float, default=0.0)
+    parser.add_argument("--max-prefix", type=int, default=2048, help="spec: 2048 (tests: less)")
+    parser.add_argument("--max-causal", type=int, default=1024, help="spec: 1024 (tests: less)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
+                        help="dense bf16 peak per GPU for MFU (H100/H200: 989)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write meta and records here")
+
+
+def main(args) -> int:
+    from .distributed import teardown
+
+    try:
+        records = run_train_bench(
+            preset=args.preset, capacity=args.capacity, steps=args.steps, warmup=args.warmup,
+            backends=_names(args.backends), archs=_names(args.archs),
+            compile_=not args.no_compile, vocab=args.vocab, seed=args.seed,
+            zero_causal_frac=args.zero_causal_frac, max_prefix=args.max_prefix,
+            max_causal=args.max_causal, device=args.device, peak_tflops=args.peak_tflops,
+            overrides=args.overrides, json_path=args.json, command=" ".join(sys.argv))
+    finally:
+        teardown()
+    measured = [r for r in records if not r["error"]]
+    return 0 if measured else 1
+
+
+def register(subparsers) -> None:
+    """Add `train` to the `bench` subcommand group."""
+    parser = subparsers.add_parser(
+        "train", help="training throughput per attention backend (tokens/s, MFU, memory)",
+        description="Optimizer steps of a model preset on packed PrefixLM batches drawn like "
+                    "bench_spec.md, for each attention backend and architecture, in one process "
+                    "(or under torchrun with FSDP2). Prints a table; --json writes the records.")
+    add_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m prefixlm.train.bench")
+    add_arguments(p)
+    sys.exit(main(p.parse_args()))

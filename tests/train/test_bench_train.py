@@ -1,0 +1,224 @@
+"""`prefixlm bench train`, bench/convergence.py and bench/seed_validation.py on CPU (tiny shapes).
+
+The GPU figures themselves come from the H200; these tests guard that the tools run end to end,
+draw the spec's batches, count FLOPs as documented and write the fields the reports read.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prefixlm.attention.bench import spec_lengths
+from prefixlm.cli import main as cli_main
+from prefixlm.model import PrefixLM, preset_config
+from prefixlm.train.bench import (SpecLoader, block_matrix_params, draw_lengths, make_batch,
+                                  step_flops, useful_pairs)
+
+REPO = Path(__file__).resolve().parents[2]
+# Spec lengths shrunk so that a tiny model steps in milliseconds on CPU.
+SMALL = ["--preset", "tiny", "--capacity", "512", "--max-prefix", "64", "--max-causal", "32",
+         "--vocab", "512"]
+RECORD_FIELDS = ("tokens_per_s", "tokens_per_s_per_gpu", "step_ms_median", "tflops_per_gpu",
+                 "mfu", "peak_mem_gib", "vs_flex", "params", "warmup_s",
+                 "graphs_compiled_during_timing")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_draw_lengths_is_the_spec_generator():
+    """Guards the bench drawing other batches than bench_spec.md's (order of draws, bounds,
+    overflow rule): same lengths as `bench attention`, and the spec's stated counts."""
+    for capacity, frac in ((16384, 0.0), (65536, 0.0), (65536, 0.3), (65536, 1.0)):
+        assert draw_lengths(capacity, 1, frac) == spec_lengths(capacity, 1, frac)
+    prefix, causal = draw_lengths(16384, 1)
+    assert (len(prefix), sum(prefix) + sum(causal)) == (11, 15548)
+    with pytest.raises(ValueError, match="longest sample"):
+        draw_lengths(2048, 1)
+
+
+def test_make_batch_follows_the_loader_label_convention():
+    """Guards labels shifted wrongly (leaking the predicted token, or dropping the one label of a
+    zero-causal sample): labels = S[1:] from the last prefix row, positions restart per sample."""
+    prefix, causal = [5, 3, 4], [2, 0, 3]
+    batch = make_batch(prefix, causal, 24, 50, seed=0)
+    assert int((batch.labels != -100).sum()) == sum(c + 1 for c in causal)
+    at = 0
+    for p, c in zip(prefix, causal):
+        rows = slice(at, at + p + c)
+        assert batch.position_ids[rows].tolist() == list(range(p + c))
+        assert (batch.labels[at:at + p - 1] == -100).all()
+        # Label of row i is the input of row i + 1 inside the sample (next-token prediction).
+        assert batch.labels[at + p - 1:at + p + c - 1].tolist() == \
+            batch.inputs[at + p:at + p + c].tolist()
+        # The response copies the prefix shifted by one id.
+        head = batch.inputs[at:at + p]
+        assert batch.labels[at + p - 1].item() == (head[0].item() + 1) % 50
+        at += p + c
+    assert (batch.labels[at:] == -100).all() and batch.info.total == at
+    loader = SpecLoader(512, 64, max_prefix=64, max_causal=32, all_zero_causal_every=2)
+    batches = [next(iter(loader)) for _ in range(4)]
+    assert [b.info.max_causal == 0 for b in batches] == [False, True, False, True]
+    assert loader.state_dict() == {"position": 4}
+
+
+def test_step_flops_formula():
+    """Guards the documented FLOP count (one formula, `model.flops`, for the bench and the
+    trainer's MFU): a transformer's is 6N + 3 x attention with N counted from the model's own
+    weights, and HRM counts its no-grad cycles forward only."""
+    cfg = preset_config("tiny", vocab_size=300, kv_heads=2)
+    model = PrefixLM(cfg)
+    assert block_matrix_params(cfg) == sum(p.numel() for p in model.blocks[0].parameters()
+                                           if p.dim() > 1)
+    info = make_batch([40, 20], [10, 0], 128, 300, seed=0).info
+    pairs, tokens = useful_pairs(info), info.total
+    assert pairs == 40 * 40 + 10 * 40 + 10 * 11 // 2 + 20 * 20
+    # Independently: 6 x (matmul weights actually in the model) per token + 3 x attention.
+    weights = model.lm_head.weight.numel() + sum(
+        p.numel() for b in model.blocks for p in b.parameters() if p.dim() > 1)
+    expected = 6 * weights * tokens + 3 * 4 * cfg.heads * cfg.head_dim * pairs * cfg.layers
+    assert step_flops(cfg, tokens, pairs) == pytest.approx(expected, rel=1e-12)
+    assert model.flops_per_token(pairs / tokens) * tokens == pytest.approx(expected, rel=1e-12)
+
+    hrm = preset_config("tiny", vocab_size=300, arch="hrm", H_cycles=2, L_cycles=3)
+    per_call = 2 * tokens * block_matrix_params(hrm) + 4 * hrm.heads * hrm.head_dim * pairs
+    calls = 1 + 3 * 1   # hrm_layers = (1, 1): one H block, three L steps per cycle
+    head = 2 * tokens * 300 * hrm.hidden
+    assert step_flops(hrm, tokens, pairs) == pytest.approx(3 * head + (3 + 1) * calls * per_call)
+
+
+def test_bench_train_cli_on_cpu(tmp_path, capsys):
+    """Guards `prefixlm bench train` end to end: both archs, a backend that trains (sdpa), one that
+    cannot train on CPU (flex: forward only there) reported instead of aborting the run, fa3
+    skipped with its reason, and the JSON fields."""
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "train", *SMALL, "--steps", "2", "--warmup", "1", "--no-compile",
+                     "--backends", "sdpa,flex,fa3", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["capacity"] == 512 and data["meta"]["world_size"] == 1
+    records = {(r["arch"], r["backend"]): r for r in data["records"]}
+    assert set(records) == {(a, b) for a in ("transformer", "hrm") for b in ("sdpa", "flex", "fa3")}
+    for arch in ("transformer", "hrm"):
+        ok = records[arch, "sdpa"]
+        assert ok["error"] is None
+        for field in RECORD_FIELDS:
+            assert field in ok, field
+        assert ok["tokens_per_s"] > 0 and 0 < ok["mfu"] < 1 and ok["vs_flex"] is None
+        assert ok["tokens_per_s"] == pytest.approx(ok["tokens_per_s_per_gpu"])
+        assert "backward" in records[arch, "flex"]["error"]
+        assert records[arch, "fa3"]["error"].startswith("skipped")
+    # HRM runs 4x the transformer's block calls per forward (two H cycles of one H and three L
+    # steps) on the tiny preset: its step costs more.
+    hrm, transformer = records["hrm", "sdpa"], records["transformer", "sdpa"]
+    assert hrm["step_ms_median"] > transformer["step_ms_median"]
+    assert "| transformer | sdpa |" in capsys.readouterr().out
+
+
+def test_bench_train_compiled_does_not_recompile_between_batches(tmp_path):
+    """Guards the timed steps paying for recompiles: with torch.compile on (the default), batches
+    of new compositions at the same capacity reuse the warm-up's graphs."""
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "train", *SMALL, "--steps", "2", "--warmup", "1",
+                     "--backends", "sdpa", "--archs", "transformer", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())["records"][0]
+    assert record["error"] is None and record["graphs_compiled_total"] > 0
+    assert record["graphs_compiled_during_timing"] == 0
+
+
+def test_bench_train_under_torchrun(tmp_path):
+    """Guards the FSDP2 path (torchrun, gloo on CPU): every rank steps, rank 0 writes the JSON,
+    and tokens/s over both ranks is twice the per-GPU figure."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "prefixlm", "bench", "train", *SMALL, "--steps", "2", "--warmup", "1",
+           "--no-compile", "--backends", "sdpa", "--archs", "transformer", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())["records"][0]
+    assert record["world_size"] == 2 and record["error"] is None
+    assert record["tokens_per_s"] == pytest.approx(2 * record["tokens_per_s_per_gpu"])
+
+
+def test_convergence_script_on_cpu(tmp_path):
+    """Guards bench/convergence.py end to end: two runs from the same seed on the same batches,
+    per-step losses in the JSON, the stated rule applied, the plot written when matplotlib is
+    there. fp32 on CPU: sdpa and the reference agree far inside the bf16 tolerance."""
+    convergence = _script("convergence")
+    code = convergence.main(["--preset", "tiny", "--steps", "3", "--capacity", "512",
+                             "--max-prefix", "64", "--max-causal", "32", "--vocab", "512",
+                             "--backends", "sdpa,reference", "--no-compile",
+                             "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "convergence_tiny_sdpa_vs_reference.json").read_text())
+    assert [run["backend"] for run in data["runs"]] == ["sdpa", "reference"]
+    assert all(len(run["loss"]) == 3 for run in data["runs"])
+    result = data["comparison"]
+    assert result["ok"] and result["max_windowed"] < 1e-5 and "window" in data["meta"]["rule"]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "convergence_tiny_sdpa_vs_reference.png").stat().st_size > 0
+
+
+def test_convergence_rule():
+    """Guards the rule itself: bf16-sized noise passes; a 2% final gap or one diverging window
+    fails; NaN fails."""
+    compare = _script("convergence").compare
+    base = [5.0 - 0.01 * i for i in range(50)]
+    assert compare([x * (1 + 1e-3 * (-1) ** i) for i, x in enumerate(base)], base)["ok"]
+    assert not compare([x * 1.02 for x in base], base)["ok"]
+    spike = base[:20] + [x * 1.2 for x in base[20:30]] + base[30:]
+    result = compare(spike, base)
+    assert not result["ok"] and result["final_relative_diff"] == 0
+    assert not compare(base[:-1] + [float("nan")], base)["ok"]
+
+
+def test_seed_validation_on_cpu(tmp_path):
+    """Guards bench/seed_validation.py end to end: a run crossing all-zero-causal batches, the
+    deterministic rerun, the zero-causal K/V rows against the reference (sdpa, fp32, GQA), flex
+    and fa3 skipped on CPU with their reasons."""
+    out = tmp_path / "seed.json"
+    code = _script("seed_validation").main([
+        "--device", "cpu", "--backends", "sdpa,flex,fa3", "--capacity", "512", "--heads", "4",
+        "--kv-heads", "2", "--head-dim", "32", "--max-prefix", "64", "--max-causal", "32",
+        "--run-preset", "tiny", "--run-capacity", "512", "--run-steps", "4", "--vocab", "512",
+        "--json", str(out)])
+    assert code == 0
+    results = {(r["check"], r["backend"]): r for r in json.loads(out.read_text())["results"]}
+    for check in ("zero_causal_run", "deterministic", "zero_causal_kv_grad"):
+        assert results[check, "sdpa"]["ok"] is True, results[check, "sdpa"]
+        assert results[check, "flex"]["ok"] is None and results[check, "fa3"]["ok"] is None
+    steps = results["zero_causal_run", "sdpa"]["steps"]
+    assert [s["all_zero_causal"] for s in steps] == [False, True, False, True]
+    assert all(s["supervised_tokens"] > 0 for s in steps)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_tools_smoke(tmp_path):
+    """Guards the CUDA paths of the tools (bf16 autocast, torch.compile, triton and flex training,
+    peak memory) before the long H200 runs: a tiny preset, two steps."""
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "train", *SMALL, "--steps", "2", "--warmup", "1",
+                     "--backends", "triton,flex", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert all(r["error"] is None and r["peak_mem_gib"] > 0 for r in records), records
+    assert all(r["vs_flex"] > 0 for r in records)
+    code = _script("seed_validation").main([
+        "--backends", "triton", "--capacity", "4096", "--run-preset", "tiny",
+        "--run-capacity", "4096", "--run-steps", "4", "--vocab", "512", "--compile",
+        "--json", str(tmp_path / "seed.json")])
+    assert code == 0
