@@ -58,16 +58,20 @@ def attention(q, k, v, info, softmax_scale, deterministic):
     rows = q.shape[0]
     if info.slots == 0:
         return q * 0  # an empty batch: zero output, zero gradient, still attached to q
+    args = (q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None])
+    kwargs = dict(scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+    # One block mask per SeqInfo and row count, shared by every layer's call. Under torch.compile
+    # the cache fill is a traced side effect, so layers after the first reuse the traced mask.
+    block_mask = info.cached(("flex_block_mask", rows), lambda: _block_mask(info, rows, q.device))
     if torch.compiler.is_compiling():
-        block_mask, flex = _block_mask(info, rows, q.device), flex_attention
+        out = flex_attention(*args, block_mask=block_mask, **kwargs)
+    elif q.is_cuda:
+        out = _compiled_flex()(*args, block_mask=block_mask, **kwargs)
     else:
-        block_mask = info.cached(("flex_block_mask", rows), lambda: _block_mask(info, rows, q.device))
-        flex = _compiled_flex() if q.is_cuda else flex_attention
-    with warnings.catch_warnings():
-        # Eager Flex on CPU warns that it is unfused; on CPU that is the intended portable path.
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        out = flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                   block_mask=block_mask, scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
+        with warnings.catch_warnings():
+            # Eager Flex on CPU warns that it is unfused; on CPU that is the intended portable path.
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = flex_attention(*args, block_mask=block_mask, **kwargs)
     out = out[0].transpose(0, 1)
     # Rows with no allowed key (padding) come out as 0 from Flex; `where` keeps that exact.
     is_token = (torch.arange(rows, device=q.device) < info.cu_seqlens[-1])[:, None, None]

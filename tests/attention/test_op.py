@@ -52,3 +52,36 @@ def test_compile_fullgraph_no_recompile(compile_backend):
             (expected_grad,) = torch.autograd.grad(expected, proj.weight)
             torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_flex_compiles_fullgraph_and_builds_one_block_mask_per_batch(monkeypatch):
+    """Guards two bugs seen in development: flex inside torch.compile(fullgraph=True) hit a graph
+    break (warnings filter in the traced path), and rebuilt its block mask in every layer. Three
+    layers share one SeqInfo: one mask per traced call, no recompile for new batches of one
+    capacity, same output as eager."""
+    import prefixlm.attention.flex as flex
+
+    capacity = 96
+    x = torch.randn(capacity, 2, 16)
+
+    def model(x, info):
+        for _ in range(3):
+            x = prefixlm_attention(x, x, x, info, backend="flex") + x
+        return x
+
+    # Phase 1: count mask builds while tracing one batch through three layers.
+    torch._dynamo.reset()
+    built = []
+    original = flex._block_mask
+    monkeypatch.setattr(flex, "_block_mask", lambda *a: built.append(1) or original(*a))
+    torch.compile(model, fullgraph=True, backend="aot_eager")(x, next(_batches(capacity)))
+    assert len(built) == 1, f"block mask built {len(built)} times for 3 layers"
+    monkeypatch.undo()
+
+    # Phase 2: new batches of the same capacity reuse the graph and match eager.
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for i, info in enumerate(_batches(capacity)):
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out = compiled(x, info)
+        torch.testing.assert_close(out, model(x, info), rtol=1e-5, atol=1e-5)
