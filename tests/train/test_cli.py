@@ -92,3 +92,14 @@ def test_export_round_trips_the_weights(run_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported(*args), trained(*args))
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 1
+
+
+def test_overrides_on_both_sides_of_an_option(tmp_path, capsys):
+    """Guards `train a=1 --print-config b=2` failing in argparse (a positional list stops at the
+    first option): both overrides must reach the config; a stray non-override is still an error."""
+    assert main(["train", "steps=7", "--print-config", "model.hidden=48"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "hidden: 48" in out
+    with pytest.raises(SystemExit):
+        main(["train", "steps=7", "--print-config", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
