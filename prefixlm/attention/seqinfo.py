@@ -13,6 +13,7 @@ shapes and `torch.compile` reuses one graph.
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -181,46 +182,62 @@ class BatchMeta(NamedTuple):
     """What a backend receives inside the attention op: device tensors and host integers.
 
     Rebuilt from the op's tensor arguments (the host part comes from the CPU tensor `host_lens`,
-    so building it never synchronises with the GPU).
+    so building it never synchronises with the GPU). The host arrays stop at the last non-empty
+    sample (`used_slots` of them): the padding slots of a fixed-capacity batch hold no work, and
+    host code that loops, hashes or copies per sample should not pay for them. The device tensors
+    keep every slot.
     """
 
     cu_seqlens: torch.Tensor
     prefix_lens: torch.Tensor
     causal_lens: torch.Tensor
-    prefix_host: np.ndarray  # (slots,) int64
-    causal_host: np.ndarray  # (slots,) int64
+    prefix_host: np.ndarray  # (used_slots,) int64
+    causal_host: np.ndarray  # (used_slots,) int64
+    starts_host: np.ndarray  # (used_slots,) int64, first row of each sample
     total: int
     max_prefix: int
     max_causal: int
     max_seqlen: int
 
     @property
-    def slots(self) -> int:
-        return len(self.prefix_host)
-
-    @property
     def used_slots(self) -> int:
-        """Slots up to the last non-empty sample: kernels that launch work per sample can ignore
-        the empty padding slots after it."""
-        nonempty = np.flatnonzero(self.prefix_host + self.causal_host)
-        return int(nonempty[-1]) + 1 if len(nonempty) else 0
-
-    @property
-    def starts_host(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.prefix_host + self.causal_host)[:-1]]).astype(
-            np.int64) if self.slots else np.zeros(0, np.int64)
+        """Slots up to the last non-empty sample."""
+        return len(self.prefix_host)
 
     @classmethod
     def from_op_args(cls, cu_seqlens, prefix_lens, causal_lens, host_lens) -> "BatchMeta":
-        lens = host_lens.numpy()
-        prefix, causal = lens[0], lens[1]
-        seqlens = prefix + causal
-        has = len(prefix) > 0
-        return cls(cu_seqlens, prefix_lens, causal_lens, prefix, causal, int(seqlens.sum()),
-                   int(prefix.max()) if has else 0, int(causal.max()) if has else 0,
-                   int(seqlens.max()) if has else 0)
+        return cls(cu_seqlens, prefix_lens, causal_lens, *_host_part(host_lens))
 
     @classmethod
     def from_info(cls, info: SeqInfo) -> "BatchMeta":
         return cls.from_op_args(info.cu_seqlens, info.prefix_lens, info.causal_lens,
                                 info.host_lens)
+
+
+# Every layer's attention call in a step passes the same `host_lens` tensor; its host summary is
+# computed once (an O(slots) scan, ~0.1 ms at 64k slots) and looked up by identity after that.
+_HOST_PARTS: dict = {}
+_HOST_PARTS_KEPT = 8
+
+
+def _host_part(host_lens: torch.Tensor) -> tuple:
+    key = id(host_lens)
+    hit = _HOST_PARTS.get(key)
+    if hit is not None and hit[0]() is host_lens and hit[1] == host_lens._version:
+        return hit[2]
+    lens = host_lens.numpy()
+    seqlens = lens[0] + lens[1]
+    nonempty = np.flatnonzero(seqlens)
+    used = int(nonempty[-1]) + 1 if len(nonempty) else 0
+    prefix, causal, seqlens = lens[0, :used], lens[1, :used], seqlens[:used]
+    ends = np.cumsum(seqlens)
+    starts = ends - seqlens
+    for shared in (prefix, causal, starts):  # shared by every call of the step: read-only
+        shared.setflags(write=False)
+    part = (prefix, causal, starts, int(ends[-1]) if used else 0,
+            int(prefix.max()) if used else 0, int(causal.max()) if used else 0,
+            int(seqlens.max()) if used else 0)
+    if len(_HOST_PARTS) >= _HOST_PARTS_KEPT:
+        _HOST_PARTS.pop(next(iter(_HOST_PARTS)))
+    _HOST_PARTS[key] = (weakref.ref(host_lens), host_lens._version, part)
+    return part

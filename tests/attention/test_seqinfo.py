@@ -131,3 +131,24 @@ def test_auto_rule_by_shape_class(monkeypatch):
         assert cls(65536, 128, True) == "cuda_forward"
     monkeypatch.setattr(registry, "_is_sm90", lambda index: False)
     assert cls(65536, 128, True) == "cuda_train"
+
+
+def test_batch_meta_trims_padding_slots_and_is_cached_per_batch():
+    """Guards the host summary the op builds on every call: it must cover the samples up to the
+    last non-empty one (not the capacity's padding slots), match the batch exactly, be reused for
+    the same batch, and not be reused for another batch or after host_lens changes."""
+    from prefixlm.attention import BatchMeta
+
+    a = SeqInfo.from_lengths([3, 0, 2, 0], [1, 0, 0, 0], capacity=64)
+    b = SeqInfo.from_lengths([5], [7], capacity=64)
+    meta_a, meta_b = BatchMeta.from_info(a), BatchMeta.from_info(b)
+    assert meta_a.used_slots == 3 and meta_a.starts_host.tolist() == [0, 4, 4]
+    assert (meta_a.total, meta_a.max_prefix, meta_a.max_causal, meta_a.max_seqlen) == (6, 3, 1, 4)
+    assert meta_b.prefix_host.tolist() == [5] and meta_b.total == 12
+    assert BatchMeta.from_info(a).prefix_host is meta_a.prefix_host      # cached
+    a.host_lens[1, 0] = 2                                                # in place: recomputed
+    assert BatchMeta.from_info(a).total == 7
+    with pytest.raises(ValueError):
+        meta_b.prefix_host[0] = 1                                        # shared: read-only
+    empty = BatchMeta.from_info(SeqInfo.from_lengths([0], [0], capacity=4))
+    assert empty.used_slots == 0 and empty.total == 0
