@@ -87,21 +87,28 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, row0, col0, str
 
 
 @triton.jit
+def _program_tile(tiles, cu_seqlens, prefix_lens, heads):
+    """This program's (head, first row of its tile, sample start as int32 and int64, sample
+    length, prefix length): program id = tile * heads + head, tiles = (sample, first row) pairs."""
+    pid = tl.program_id(0)
+    tile = pid // heads
+    sample = tl.load(tiles + 2 * tile)
+    lo = tl.load(tiles + 2 * tile + 1)
+    start = tl.load(cu_seqlens + sample)
+    seqlen = tl.load(cu_seqlens + sample + 1) - start
+    prefix = tl.load(prefix_lens + sample)
+    return pid % heads, lo, start, start.to(tl.int64), seqlen, prefix
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, prefix_lens, tiles,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_ot, stride_oh, stride_lh, qk_scale, num_heads, group, rows, num_kv_heads,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PREC: tl.constexpr, STAGES: tl.constexpr, MASK_STAGES: tl.constexpr,
                 USE_TMA: tl.constexpr, WS: tl.constexpr):
-    pid = tl.program_id(0)
-    tile = pid // num_heads
-    head = pid % num_heads
-    sample = tl.load(tiles + 2 * tile)
-    q_lo = tl.load(tiles + 2 * tile + 1)
-    start = tl.load(cu_seqlens + sample)
-    seqlen = tl.load(cu_seqlens + sample + 1) - start
-    prefix = tl.load(prefix_lens + sample)
-    start64 = start.to(tl.int64)
+    head, q_lo, start, start64, seqlen, prefix = _program_tile(tiles, cu_seqlens, prefix_lens,
+                                                               num_heads)
     kv_head = head // group
 
     offs_m = q_lo + tl.arange(0, BLOCK_M)
@@ -208,15 +215,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, cu_seqlens, prefix_
                      stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, num_kv_heads, group,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      ATOMIC_DQ: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
-    pid = tl.program_id(0)
-    tile = pid // num_kv_heads
-    kv_head = pid % num_kv_heads
-    sample = tl.load(tiles + 2 * tile)
-    k_lo = tl.load(tiles + 2 * tile + 1)
-    start = tl.load(cu_seqlens + sample)
-    seqlen = tl.load(cu_seqlens + sample + 1) - start
-    prefix = tl.load(prefix_lens + sample)
-    start64 = start.to(tl.int64)
+    kv_head, k_lo, start, start64, seqlen, prefix = _program_tile(tiles, cu_seqlens,
+                                                                  prefix_lens, num_kv_heads)
 
     offs_n = k_lo + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -294,15 +294,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, prefix_lens, tiles,
                    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale,
                    num_heads, group, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
-    pid = tl.program_id(0)
-    tile = pid // num_heads
-    head = pid % num_heads
-    sample = tl.load(tiles + 2 * tile)
-    q_lo = tl.load(tiles + 2 * tile + 1)
-    start = tl.load(cu_seqlens + sample)
-    seqlen = tl.load(cu_seqlens + sample + 1) - start
-    prefix = tl.load(prefix_lens + sample)
-    start64 = start.to(tl.int64)
+    head, q_lo, start, start64, seqlen, prefix = _program_tile(tiles, cu_seqlens, prefix_lens,
+                                                               num_heads)
     kv_head = head // group
 
     offs_m = q_lo + tl.arange(0, BLOCK_M)
