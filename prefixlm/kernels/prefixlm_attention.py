@@ -471,7 +471,8 @@ def _ensure_allocator():
 
 
 def prefixlm_attention_fwd(q, k, v, meta, softmax_scale: float, config: FwdConfig | None = None):
-    """out (T, Hq, D) in q's dtype, lse (Hq, T) fp32. Rows >= meta.total: out 0, lse undefined."""
+    """out (T, Hq, D) in q's dtype, lse (Hq, T) fp32. Rows >= meta.total: out 0, lse 0 (the op's
+    outputs are fully defined, so eager and compiled runs agree bit for bit)."""
     rows, num_heads, head_dim = q.shape
     if not softmax_scale > 0:
         raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
@@ -480,6 +481,7 @@ def prefixlm_attention_fwd(q, k, v, meta, softmax_scale: float, config: FwdConfi
     lse = torch.empty((num_heads, rows), device=q.device, dtype=torch.float32)
     if meta.total < rows:
         out[meta.total:].zero_()
+        lse[:, meta.total:].zero_()
     if meta.total == 0:
         return out, lse
     tiles = _schedule(meta, cfg.block_m, cfg.block_n, False, q.device)

@@ -44,7 +44,7 @@ INTERP_CASES = {
     "random_fp16": ("random", 8, 2, 2, 32, "float16", 150, False),
 }
 EXTRA_CHECKS = ("deterministic_rerun", "atomic_dq_path", "tma_forward_path", "noncontiguous",
-                "softmax_scale", "empty_batch")
+                "softmax_scale", "empty_batch", "opcheck")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,6 +112,21 @@ def _run_interpreted_checks():
     out0 = prefixlm_attention(q0, q0[:, :1].detach(), q0[:, :1].detach(), empty, backend="triton")
     out0.sum().backward()
     _report("empty_batch", (out0 == 0).all().item() and (q0.grad == 0).all().item(), "")
+
+    # The custom op with this backend: schema, fake (shapes and strides of out and lse), autograd.
+    from prefixlm.attention.op import attention_op
+
+    small = make_case("random", SESSION_SEED + 13, num_q_heads=2, num_kv_heads=1, head_dim=16,
+                      dtype=torch.float16, max_len=20)
+    info = small.info
+    args = (small.q.requires_grad_(), small.k.requires_grad_(), small.v.requires_grad_(),
+            info.cu_seqlens, info.prefix_lens, info.causal_lens, info.host_lens, 0.25, "triton",
+            True)
+    try:
+        torch.library.opcheck(attention_op, args)
+        _report("opcheck", True, "")
+    except Exception as exc:  # reported to the parent, which fails the test with the message
+        _report("opcheck", False, f"{type(exc).__name__}: {exc}")
 
 
 # --------------------------------------------------------------------------------------------------
