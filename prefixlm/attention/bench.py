@@ -55,13 +55,15 @@ METHODS = ("triton", "cudnn", "flex", "sdpa_padded", "fa3", "fa3_causal", "fa3_f
 FWD_ONLY = ("fa3", "fa3_causal", "fa3_full")
 
 
-def spec_lengths(capacity: int, seed: int = 1, zero_causal_frac: float = 0.0):
-    """Sample lengths exactly as bench_spec.md draws them."""
+def spec_lengths(capacity: int, seed: int = 1, zero_causal_frac: float = 0.0,
+                 max_prefix: int = 2048, max_causal: int = 1024):
+    """Sample lengths exactly as bench_spec.md draws them (same order of draws from one
+    generator); `max_prefix` / `max_causal` shrink the ranges for CPU tests only."""
     g = torch.Generator().manual_seed(seed)
     prefix, causal, total = [], [], 0
     while True:
-        p = int(torch.randint(16, 2049, (1,), generator=g))
-        c = int(torch.randint(1, 1025, (1,), generator=g))
+        p = int(torch.randint(min(16, max_prefix), max_prefix + 1, (1,), generator=g))
+        c = int(torch.randint(1, max_causal + 1, (1,), generator=g))
         u = torch.rand(1, generator=g).item()
         if u < zero_causal_frac:
             c = 0

@@ -44,6 +44,7 @@ import time
 import numpy as np
 import torch
 
+from ..attention.bench import spec_lengths
 from ..model.flops import block_matrix_params, step_flops
 
 __all__ = ["draw_lengths", "make_batch", "SpecLoader", "useful_pairs", "block_matrix_params",
@@ -63,19 +64,7 @@ def draw_lengths(capacity: int, seed: int, zero_causal_frac: float = 0.0, max_pr
     if capacity < max_prefix + max_causal:
         raise ValueError(f"capacity {capacity} cannot hold the longest sample ({max_prefix} + "
                          f"{max_causal} tokens); lower --max-prefix/--max-causal or raise it")
-    g = torch.Generator().manual_seed(seed)
-    prefix, causal, total = [], [], 0
-    while True:
-        p = int(torch.randint(min(16, max_prefix), max_prefix + 1, (1,), generator=g))
-        c = int(torch.randint(1, max_causal + 1, (1,), generator=g))
-        u = torch.rand(1, generator=g).item()
-        if u < zero_causal_frac:
-            c = 0
-        if total + p + c > capacity:
-            return prefix, causal
-        prefix.append(p)
-        causal.append(c)
-        total += p + c
+    return spec_lengths(capacity, seed, zero_causal_frac, max_prefix, max_causal)
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixlm.attention.bench import spec_lengths
 from prefixlm.cli import main as cli_main
 from prefixlm.model import PrefixLM, preset_config
 from prefixlm.train.bench import (SpecLoader, block_matrix_params, draw_lengths, make_batch,
@@ -39,11 +38,14 @@ def _script(name):
 
 def test_draw_lengths_is_the_spec_generator():
     """Guards the bench drawing other batches than bench_spec.md's (order of draws, bounds,
-    overflow rule): same lengths as `bench attention`, and the spec's stated counts."""
-    for capacity, frac in ((16384, 0.0), (65536, 0.0), (65536, 0.3), (65536, 1.0)):
-        assert draw_lengths(capacity, 1, frac) == spec_lengths(capacity, 1, frac)
-    prefix, causal = draw_lengths(16384, 1)
-    assert (len(prefix), sum(prefix) + sum(causal)) == (11, 15548)
+    overflow rule): the spec's stated counts for T = 16384 and 65536, zero-causal fractions
+    honoured, and the capacity check."""
+    for capacity, counts in ((16384, (11, 15548)), (65536, (42, 63768))):
+        prefix, causal = draw_lengths(capacity, 1)
+        assert (len(prefix), sum(prefix) + sum(causal)) == counts
+    assert all(c == 0 for c in draw_lengths(65536, 1, 1.0)[1])
+    mixed = draw_lengths(65536, 1, 0.3)[1]
+    assert 0 < sum(c == 0 for c in mixed) < len(mixed)
     with pytest.raises(ValueError, match="longest sample"):
         draw_lengths(2048, 1)
 
