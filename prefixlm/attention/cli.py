@@ -9,7 +9,7 @@ import time
 import torch
 
 from .registry import backend_names
-from .testing import BATCH_KINDS, check_backend, make_case
+from .testing import BATCH_KINDS, LAYOUTS, check_backend, make_case
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEADS = {"mha": (8, 8), "gqa3": (12, 4), "mqa": (8, 1)}
@@ -19,22 +19,28 @@ def verify(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype]
     rows, failures = [], 0
-    header = (f"{'kind':<17} {'heads':<5} {'D':>4} {'tokens':>7} {'tensor':<4} {'max err':>9} "
-              f"{'bound':>9} {'mean err':>9} {'bound':>9}  result")
+    header = (f"{'kind':<17} {'heads':<5} {'D':>4} {'layout':<8} {'tokens':>7} {'tensor':<4} "
+              f"{'max err':>9} {'bound':>9} {'mean err':>9} {'bound':>9}  result")
     print(f"prefixlm verify: backend={args.backend} device={device} dtype={args.dtype} "
-          f"seed={args.seed} max_len={args.max_len} grad={not args.no_grad}")
+          f"seed={args.seed} max_len={args.max_len} grad={not args.no_grad} "
+          f"layout={args.layout} nan_padding={args.nan_padding}")
     print(header)
     start = time.perf_counter()
     combos = itertools.product(BATCH_KINDS, args.heads, args.head_dims)
     for i, (kind, heads, head_dim) in enumerate(combos):
         num_q, num_kv = HEADS[heads]
+        # alternate: shifted by one per batch kind, so every (heads, D) pair gets both layouts
+        flip = (i + BATCH_KINDS.index(kind)) % 2
+        layout = LAYOUTS[flip] if args.layout == "alternate" else args.layout
         case = make_case(kind, args.seed + i, num_q_heads=num_q, num_kv_heads=num_kv,
-                         head_dim=head_dim, dtype=dtype, device=device, max_len=args.max_len)
+                         head_dim=head_dim, dtype=dtype, device=device, max_len=args.max_len,
+                         layout=layout, nan_padding=args.nan_padding)
+        where = f"{kind:<17} {heads:<5} {head_dim:>4} {layout:<8} {case.info.total:>7}"
         try:
             stats = check_backend(args.backend, case, grad=not args.no_grad,
                                   deterministic=args.deterministic)
         except (NotImplementedError, ValueError) as exc:
-            print(f"{kind:<17} {heads:<5} {head_dim:>4} {case.info.total:>7} skipped: {exc}")
+            print(f"{where} skipped: {exc}")
             continue
         for s in stats:
             failures += not s.ok
@@ -42,8 +48,7 @@ def verify(args) -> int:
             verdict = "pass" if s.ok else (
                 "FAIL" + ("" if s.finite else " (non-finite)")
                 + ("" if s.padding_zero else " (padding not zero)"))
-            print(f"{kind:<17} {heads:<5} {head_dim:>4} {case.info.total:>7} {s.name:<4} "
-                  f"{s.max_err:>9.2e} {s.max_bound:>9.2e} {s.mean_err:>9.2e} "
+            print(f"{where} {s.name:<4} {s.max_err:>9.2e} {s.max_bound:>9.2e} {s.mean_err:>9.2e} "
                   f"{s.mean_bound:>9.2e}  {verdict}")
     print(f"{len(rows) - failures} passed, {failures} failed "
           f"({time.perf_counter() - start:.1f} s)")
@@ -66,6 +71,12 @@ def register(subparsers) -> None:
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--no-grad", action="store_true", help="check the forward only")
     p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--layout", default="alternate", choices=[*LAYOUTS, "alternate"],
+                   help="q/k/v as separate tensors, as views of one fused q/k/v/gate projection "
+                        "(the model's layout: rows of no 16-byte multiple), or alternating")
+    p.add_argument("--nan-padding", action="store_true",
+                   help="fill the padding rows of q, k, v and dout with NaN (must not leak into "
+                        "real rows; flex cannot promise it)")
     p.set_defaults(func=verify)
 
     from . import bench

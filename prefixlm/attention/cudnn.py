@@ -20,7 +20,8 @@ two contributions, so the second goes to a scratch (dQ-sized, never memset) and 
 those rows (gather, add, scatter): no K/V-sized memset, no full-tensor add, and the combine
 touches the causal rows of dQ only (a third of the rows on the spec batches; splitting by queries
 would combine dK and dV on the prefix rows, four times the bytes). A batch without causal tokens
-runs one call each way.
+runs one call each way. Last, the rows of samples of <= 32 tokens are overwritten with exact fp32
+gradients (`short_samples`): there the rounding of the 16-bit O in rowsum(dO * O) dominates dS.
 
 Graphs are cached per shape class: sample count, max query and max key length rounded up to
 {1, 1.5} x 2^k buckets, plus dtype, heads, head dim, input strides, scale, mask, determinism and
@@ -35,6 +36,8 @@ import time
 
 import numpy as np
 import torch
+
+from .short_samples import exact_grads_of_short_samples
 
 NAME = "cudnn"
 USES_OP = True
@@ -426,7 +429,10 @@ def forward(q, k, v, meta, softmax_scale):
             pack = {_Q: q, _K: k, _V: v, _O: out, _STATS: lse}
             pack.update((uid, next(device_cols)) for uid in cols)
             _execute(g, pack, _workspace(ws, q.device), handle)
+    # No pass writes the padding tail's LSE; 0 there keeps the op's outputs defined (repeated
+    # runs agree, as torch.library.opcheck checks). The backward never reads those rows.
     out[meta.total:].zero_()
+    lse[meta.total:].zero_()
     return out, lse
 
 
@@ -502,4 +508,6 @@ def backward(dout, q, k, v, out, lse, meta, softmax_scale, deterministic):
                 dq.index_copy_(0, rows, summed)
     for grad in (dq, dk, dv):
         grad[meta.total:].zero_()
+    # cuDNN takes rowsum(dO * O) from the 16-bit O, which dominates dS in 1-2 token samples.
+    exact_grads_of_short_samples(dq, dk, dv, q, k, v, dout, meta, softmax_scale)
     return dq, dk, dv

@@ -7,13 +7,16 @@ Pass 2 (causal): queries are each sample's causal span, keys the whole sample
   FA3 aligns the causal mask bottom-right, so causal query j sees the prefix and causal keys 0..j).
 The passes write disjoint output rows of one buffer. The seed's rules hold: a batch whose max
 causal length is 0 skips pass 2 in forward and backward, FA3 never sees max_seqlen_q = 0, and no
-K/V-sized buffer is zeroed on the hot path.
+K/V-sized buffer is zeroed on the hot path. Last in the backward, the rows of samples of <= 32
+tokens are overwritten with exact fp32 gradients (`short_samples`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from .short_samples import exact_grads_of_short_samples
 
 try:
     import flash_attn_interface as fa3  # registers torch.ops.flash_attn_3, which we call directly
@@ -39,7 +42,8 @@ def unavailable_reason(q, k, v):
 
 
 def lse_shape(q):
-    return (2, q.shape[1], q.shape[0])  # one LSE per pass, each (Hq, T)
+    # One LSE per pass, each (Hq, T): lse[0] on prefix rows, lse[1] on causal rows, 0 elsewhere.
+    return (2, q.shape[1], q.shape[0])
 
 
 def _passes(meta):
@@ -68,17 +72,37 @@ def _prefix_rows(meta, which: str, device) -> torch.Tensor:
     return torch.from_numpy(rows).to(device, non_blocking=True)
 
 
+def _pass_of_rows(meta, rows: int) -> np.ndarray:
+    """int8 (rows,): 1 + the index of the pass whose query each row is (1 on prefix rows, 2 on
+    causal rows), 0 on the padding tail."""
+    spans = np.stack([meta.prefix_host, meta.causal_host], 1).ravel()  # p0, c0, p1, c1, ...
+    pass_of_rows = np.zeros(rows, np.int8)
+    pass_of_rows[:meta.total] = np.repeat(np.tile(np.array([1, 2], np.int8), meta.used_slots),
+                                          spans)
+    return pass_of_rows
+
+
 def forward(q, k, v, meta, softmax_scale):
     # The passes write disjoint rows (seqused_q) of one output buffer: FA3's own op declares
     # `out` as written in place, so no copy and no memset; only the padding tail is zeroed.
     passes = _passes(meta)
     out = torch.empty_like(q)
     lse = q.new_empty(lse_shape(q), dtype=torch.float32)
+    # FA3 returns a fresh (Hq, T) LSE and writes only the rows of its pass's queries; the rest is
+    # uninitialised memory. Keeping 0 there makes the op's outputs defined (repeated runs agree,
+    # as torch.library.opcheck checks) at no extra pass over the LSE: the copy into `lse` masks.
+    pass_of_rows = torch.from_numpy(_pass_of_rows(meta, q.shape[0]))
+    pass_of_rows = (pass_of_rows.pin_memory() if q.is_cuda else pass_of_rows).to(
+        q.device, non_blocking=True)
+    zero = lse.new_zeros(())
     for i, (name, causal) in enumerate((("prefix", False), ("causal", True))):
         if passes[name]["max_seqlen_q"] == 0:   # no queries in this pass: FA3 is never called
+            lse[i].zero_()
             continue
-        _, lse[i], *_ = torch.ops.flash_attn_3.fwd(q, k, v, out=out, softmax_scale=softmax_scale,
-                                                   is_causal=causal, **passes[name])
+        _, pass_lse, *_ = torch.ops.flash_attn_3.fwd(q, k, v, out=out,
+                                                     softmax_scale=softmax_scale,
+                                                     is_causal=causal, **passes[name])
+        torch.where(pass_of_rows == i + 1, pass_lse, zero, out=lse[i])
     out[meta.total:].zero_()
     return out, lse
 
@@ -112,4 +136,6 @@ def backward(dout, q, k, v, out, lse, meta, softmax_scale, deterministic):
             full.index_copy_(0, copy, part.index_select(0, copy))
     for grad in (dq, dk, dv):
         grad[meta.total:].zero_()
+    # FA3 takes rowsum(dO * O) from the 16-bit O, which dominates dS in 1-2 token samples.
+    exact_grads_of_short_samples(dq, dk, dv, q, k, v, dout, meta, softmax_scale)
     return dq, dk, dv

@@ -38,7 +38,11 @@ def unavailable_reason(q, k, v):
 def _block_mask(info, rows: int, device):
     cu = info.cu_seqlens.long()
     token = torch.arange(rows, device=device)
-    sample = torch.searchsorted(cu[1:], token, right=True).clamp(max=info.slots - 1)
+    # sample[t] = how many samples end at or before t: a scatter of the ends and a running sum
+    # (torch 2.11's inductor cannot lower searchsorted over a slice of cu_seqlens on CUDA).
+    ends = torch.zeros(rows + 1, dtype=torch.long, device=device).scatter_add(
+        0, cu[1:].clamp(max=rows), torch.ones_like(cu[1:]))
+    sample = ends.cumsum(0)[:rows].clamp(max=info.slots - 1)
     prefix_end = cu[sample] + info.prefix_lens.long()[sample]       # absolute end of the prefix
     sample = torch.where(token < cu[-1], sample, -1)                 # padding: in no sample
 

@@ -77,14 +77,22 @@ class Case:
     kind: str
 
 
+LAYOUTS = ("separate", "fused")
+
+
 def make_case(kind: str, seed: int, *, num_q_heads: int = 4, num_kv_heads: int = 2,
               head_dim: int = 64, dtype=torch.float32, device="cpu", max_len: int = 1025,
-              padding: bool = True) -> Case:
+              padding: bool = True, layout: str = "separate", nan_padding: bool = False) -> Case:
     """A random packed batch of `kind` with standard-normal q, k, v and output gradient.
 
     Capacity exceeds the total by a random odd-ish tail when `padding` is set, so padding rows and
-    totals that are not multiples of any block size are always exercised.
+    totals that are not multiples of any block size are always exercised. `layout="fused"` gives
+    q, k, v as views of one (T, (Hq + 2 Hkv) D + Hq) tensor, the model's fused q/k/v/gate
+    projection: rows whose length is no multiple of 16 bytes. `nan_padding` fills the padding rows
+    of q, k, v and the output gradient with NaN, which no real row may see.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
     rng = np.random.default_rng(seed)
     prefix, causal = random_lengths(kind, rng, max_len)
     total = sum(prefix) + sum(causal)
@@ -95,8 +103,19 @@ def make_case(kind: str, seed: int, *, num_q_heads: int = 4, num_kv_heads: int =
     def randn(heads):
         return torch.randn(capacity, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
 
-    return Case(randn(num_q_heads), randn(num_kv_heads), randn(num_kv_heads), randn(num_q_heads),
-                info, seed, kind)
+    if layout == "fused":
+        widths = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        fused = torch.randn(capacity, sum(widths) + num_q_heads, generator=gen)
+        fused = fused.to(device=device, dtype=dtype)
+        q, k, v, _gate = fused.split([*widths, num_q_heads], dim=-1)
+        q, k, v = (t.view(capacity, -1, head_dim) for t in (q, k, v))
+    else:
+        q, k, v = randn(num_q_heads), randn(num_kv_heads), randn(num_kv_heads)
+    dout = randn(num_q_heads)
+    if nan_padding:
+        for t in (q, k, v, dout):
+            t[total:] = float("nan")
+    return Case(q, k, v, dout, info, seed, kind)
 
 
 @dataclass

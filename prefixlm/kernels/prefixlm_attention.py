@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from prefixlm.attention.short_samples import exact_delta, short_sample_tiles
+
 LOG2E = 1.4426950408889634
 
 
@@ -58,9 +60,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, row0, col0, str
     for n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES, warp_specialize=WS):
         cols = n + offs_n
         if USE_TMA:
-            # rows past the sample are masked below; rows past the tensor come back as zeros
+            # Rows past the sample (the next sample's, or padding, which may hold anything) are
+            # masked below; rows past the tensor come back as zeros.
             k = desc_k.load([row0 + n, col0])
             v = desc_v.load([row0 + n, col0])
+            if MASK:
+                # Their p is 0, but 0 * NaN is NaN: zero those V rows too.
+                v = tl.where((cols < seqlen)[:, None], v, 0.0)
         elif MASK:
             kv_ok = cols < seqlen
             k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_ok[:, None],
@@ -457,6 +463,16 @@ def _schedule(meta, block: int, other_block: int, key_major: bool, device) -> to
     return tiles
 
 
+def tma_compatible(t: torch.Tensor) -> bool:
+    """Whether (T, H, D) `t` can be read through a tensor descriptor of rows of H * D elements:
+    heads packed in a row, and base address and row stride multiples of 16 bytes. A view into a
+    fused q/k/v/gate projection often fails the last (rows of 3*H*D + H elements); the kernel then
+    loads with plain pointers instead, which any layout allows."""
+    row_bytes = t.stride(0) * t.element_size()
+    return (t.stride(2) == 1 and t.stride(1) == t.shape[2] and row_bytes % 16 == 0
+            and t.data_ptr() % 16 == 0)
+
+
 _ALLOCATOR_SET = False
 
 
@@ -486,7 +502,7 @@ def prefixlm_attention_fwd(q, k, v, meta, softmax_scale: float, config: FwdConfi
         return out, lse
     tiles = _schedule(meta, cfg.block_m, cfg.block_n, False, q.device)
     grid = (tiles.shape[0] * num_heads,)
-    use_tma = cfg.use_tma and k.stride(1) == head_dim and v.stride(1) == head_dim
+    use_tma = cfg.use_tma and tma_compatible(k) and tma_compatible(v)
     if use_tma:
         _ensure_allocator()
     _fwd_kernel[grid](
@@ -584,45 +600,19 @@ def prefixlm_attention_bwd(dout, q, k, v, out, lse, meta, softmax_scale: float,
     return dq, dk, dv
 
 
-SHORT_SAMPLE = 32  # samples up to this length get D from P . dP (see below)
-
-
 def _exact_delta_of_short_samples(delta, q, k, v, dout, meta, softmax_scale):
     """Replace D_i = do_i . o_i by the exact sum_j P_ij dP_ij for rows of short samples.
 
     o_i was rounded to 16 bits on output, and in a row with only a few keys that rounding is a
     large part of dP_ij - D_i (with one key, dS must be exactly 0). Rows of long samples average
-    it out; short ones are cheap to redo densely in fp32 (batched, O(sum L^2) for L <= 32).
+    it out; short ones are cheap to redo densely in fp32 (batched, O(sum L^2) for L <= 32; the
+    tiles and the math are shared with the cuDNN and FA3 backwards, see attention/short_samples).
     """
-    lens = meta.prefix_host + meta.causal_host
-    short = np.flatnonzero((lens > 0) & (lens <= SHORT_SAMPLE))
-    if len(short) == 0:
+    tiles = short_sample_tiles(meta, q)
+    if tiles is None:
         return
-    width = int(lens[short].max())
-    pos = np.arange(width)
-    gather = meta.starts_host[short, None] + np.minimum(pos[None, :], lens[short, None] - 1)
-    valid = pos[None, :] < lens[short, None]
-    allowed = (pos[None, None, :] < meta.prefix_host[short, None, None]) | (
-        pos[None, None, :] <= pos[None, :, None])
-    allowed &= valid[:, None, :]
-    # Index arrays are built on the host (a boolean mask on the device would force a sync).
-    rows, flat = gather[valid], np.flatnonzero(valid)
-    host = np.concatenate([gather.ravel(), rows, flat, allowed.ravel()]).astype(np.int64)
-    dev = torch.from_numpy(host)
-    if q.is_cuda:
-        dev = dev.pin_memory().to(q.device, non_blocking=True)
-    sizes = (gather.size, rows.size, flat.size, allowed.size)
-    idx, rows_t, flat_t, allowed_t = dev.split(sizes)
-    idx, allowed_t = idx.view(gather.shape), allowed_t.view(allowed.shape).bool()
-    group = q.shape[1] // k.shape[1]
-    qs, dos = q[idx].float(), dout[idx].float()                              # (B, L, Hq, D)
-    ks = k[idx].float().repeat_interleave(group, 2)
-    vs = v[idx].float().repeat_interleave(group, 2)
-    scores = torch.einsum("bihd,bjhd->bhij", qs, ks) * softmax_scale
-    probs = torch.softmax(scores.masked_fill(~allowed_t[:, None], float("-inf")), dim=-1)
-    dprobs = torch.einsum("bihd,bjhd->bhij", dos, vs)
-    exact = (probs * dprobs).sum(-1).transpose(1, 2).reshape(-1, q.shape[1])  # (B * L, Hq)
-    delta.index_copy_(1, rows_t, exact.index_select(0, flat_t).t())
+    exact = exact_delta(tiles, q, k, v, dout, softmax_scale)  # (R, Hq)
+    delta.index_copy_(1, tiles.rows, exact.t())
 
 
 def flops(prefix_lens, causal_lens, num_heads: int, head_dim: int) -> float:

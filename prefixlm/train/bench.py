@@ -28,6 +28,8 @@ Reported per (arch, backend): real tokens/s (per GPU and over all GPUs), median 
 TFLOP/s and MFU per GPU, peak memory (torch.cuda.max_memory_allocated, max over ranks), tokens/s
 relative to `flex`, graphs compiled during the timed steps (should be 0) and in all (a large count
 means recompiles, and past dynamo's cache limit blocks silently run eagerly: see the log).
+With --profile N, N more (untimed) steps run under torch.profiler and the record gets the device
+time per kernel category (attention, matmul, optimizer, ...; `step_profile.py`) and the top kernels.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch
 
 from ..attention.bench import spec_lengths
 from ..model.flops import block_matrix_params, step_flops
+from .step_profile import profile_steps, summary_line
 
 __all__ = ["draw_lengths", "make_batch", "SpecLoader", "useful_pairs", "block_matrix_params",
            "step_flops", "fa3_unavailable_reason", "run_train_bench", "register", "main"]
@@ -200,15 +203,17 @@ def _reduce(values: list[float], op: str) -> list[float]:
     return t.tolist()
 
 
-def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float) -> dict:
-    """Warm-up then timed optimizer steps of one fresh Trainer; the record's measured fields."""
+def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
+             profile: int = 0) -> dict:
+    """Warm-up then timed optimizer steps of one fresh Trainer, then `profile` profiled ones (not
+    timed: the profiler slows the host); the record's measured fields."""
     from .trainer import Trainer
 
     device = dist.device
     loader = SpecLoader(cfg.capacity, cfg.model.vocab_size, rank=dist.rank,
                         world_size=dist.world_size, device=device, **loader_kwargs)
     # Batches are built before timing (a real loader prefetches them on a thread).
-    batches = [loader.batch(i) for i in range(warmup + steps)]
+    batches = [loader.batch(i) for i in range(warmup + steps + profile)]
     graphs_before = _unique_graphs()
     trainer = Trainer(cfg, dist, loader)
     try:
@@ -221,7 +226,7 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float) -> 
         warmup_s = time.perf_counter() - started
         graphs, cudnn_graphs = _unique_graphs(), _cudnn_graphs()
         times, losses, tokens, flops = [], [], 0, 0.0
-        for batch in batches[warmup:]:
+        for batch in batches[warmup:warmup + steps]:
             start = time.perf_counter()
             stats = trainer.train_step([batch])
             _sync(device)
@@ -238,7 +243,8 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float) -> 
         record = dict(
             params=trainer.model.num_params(non_embedding=False),
             tokens_per_step=all_tokens / steps / world,
-            pairs_per_step=statistics.mean(useful_pairs(b.info) for b in batches[warmup:]),
+            pairs_per_step=statistics.mean(useful_pairs(b.info)
+                                           for b in batches[warmup:warmup + steps]),
             step_ms_median=statistics.median(times) * 1e3,
             step_ms_mean=all_elapsed / world / steps * 1e3,
             tokens_per_s=all_tokens / (all_elapsed / world),
@@ -252,6 +258,9 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float) -> 
             graphs_compiled_total=_unique_graphs() - graphs_before,
             cudnn_graphs_built_during_timing=_cudnn_graphs() - cudnn_graphs,
         )
+        if profile:
+            record["profile"] = profile_steps(lambda b: trainer.train_step([b]),
+                                              batches[warmup + steps:], device)
         return record
     finally:
         trainer.close()
@@ -280,14 +289,15 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
                     vocab: int = 32768, seed: int = 1, zero_causal_frac: float = 0.0,
                     max_prefix: int = 2048, max_causal: int = 1024, device: str = "auto",
                     peak_tflops: float = PEAK_TFLOPS, overrides=(), json_path: str | None = None,
-                    command: str = "") -> list[dict]:
+                    command: str = "", profile: int = 0) -> list[dict]:
     """Benchmark every (arch, backend); prints records as they come and a table at the end; rank 0
     writes the JSON after every record (a run cut short keeps what it measured). Under torchrun,
     call it on every rank."""
     from .distributed import setup
 
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    if steps < 1 or warmup < 0 or profile < 0:
+        raise ValueError(f"need steps >= 1, warmup >= 0 and profile >= 0, got steps={steps}, "
+                         f"warmup={warmup}, profile={profile}")
     for arch in archs:
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
@@ -304,6 +314,7 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
                 preset=preset, capacity=capacity, steps=steps, warmup=warmup, compile=compile_,
                 vocab=vocab, seed=seed, zero_causal_frac=zero_causal_frac, max_prefix=max_prefix,
                 max_causal=max_causal, peak_tflops=peak_tflops, overrides=list(overrides),
+                profile_steps=profile,
                 hrm=HRM_OVERRIDES, fa3=fa3_reason or "backward runs",
                 flops="3*2*T*N_head + sum over block calls m*(2*T*N_block + 4*Hq*D*pairs), "
                       "m=3 with autograd, 1 without; pairs = sum p*p + c*p + c*(c+1)/2")
@@ -323,7 +334,7 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
                     torch._dynamo.reset()  # every backend compiles afresh, under the same limits
                 try:
                     rec.update(_run_one(cfg, dist, loader_kwargs, steps, warmup,
-                                        peak_tflops * 1e12))
+                                        peak_tflops * 1e12, profile))
                 except Exception as exc:  # report and go on: one backend must not hide the rest
                     rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
                 # Out of the except block: its traceback no longer holds the failed run's tensors.
@@ -333,10 +344,14 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
             records.append(rec)
             _add_ratios(records)
             say(_line(rec), flush=True)
+            if rec.get("profile"):
+                say(f"    profile: {summary_line(rec['profile'])}", flush=True)
             if json_path and dist.is_main:
                 with open(json_path, "w") as fh:
                     json.dump(dict(meta=meta, records=records), fh, indent=1)
     say(_table(records), flush=True)
+    if any(r.get("profile") for r in records):
+        say(_profile_table(records), flush=True)
     return records
 
 
@@ -383,6 +398,24 @@ def _table(records) -> str:
     return "\n".join(rows)
 
 
+def _profile_table(records) -> str:
+    """Per-step ms by kernel category (columns: every category any profile has, largest first)."""
+    profiled = [r for r in records if r.get("profile")]
+    totals: dict[str, float] = {}
+    for r in profiled:
+        for name, ms in r["profile"]["categories"].items():
+            totals[name] = totals.get(name, 0.0) + ms
+    names = sorted(totals, key=lambda n: -totals[n])
+    rows = ["", f"Profile ({profiled[0]['profile']['clock']}, ms per step):", "",
+            "| arch | backend | total | " + " | ".join(names) + " |",
+            "|---|---|---|" + "---|" * len(names)]
+    for r in profiled:
+        cats = r["profile"]["categories"]
+        rows.append(f"| {r['arch']} | {r['backend']} | {r['profile']['ms_per_step']:.1f} | "
+                    + " | ".join(f"{cats.get(n, 0.0):.1f}" for n in names) + " |")
+    return "\n".join(rows)
+
+
 # -- command line ----------------------------------------------------------------------------------
 def _names(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -409,6 +442,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
                         help="dense bf16 peak per GPU for MFU (H100/H200: 989)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write meta and records here")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile N more steps: device time per kernel "
+                             "category (attention, matmul, ...) and the top kernels")
 
 
 def main(args) -> int:
@@ -421,7 +457,8 @@ def main(args) -> int:
             compile_=not args.no_compile, vocab=args.vocab, seed=args.seed,
             zero_causal_frac=args.zero_causal_frac, max_prefix=args.max_prefix,
             max_causal=args.max_causal, device=args.device, peak_tflops=args.peak_tflops,
-            overrides=args.overrides, json_path=args.json, command=" ".join(sys.argv))
+            overrides=args.overrides, json_path=args.json, command=" ".join(sys.argv),
+            profile=args.profile)
     finally:
         teardown()
     measured = [r for r in records if not r["error"]]

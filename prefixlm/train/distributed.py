@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["Dist", "setup", "shard_model", "barrier", "all_reduce_sum", "teardown"]
+__all__ = ["Dist", "setup", "shard_model", "barrier", "all_reduce_sum", "collective_device",
+           "reshard_all", "teardown"]
 
 
 @dataclass
@@ -62,9 +63,23 @@ def barrier():
         torch_dist.barrier()
 
 
+def collective_device(tensor: torch.Tensor) -> torch.device:
+    """Where `tensor` must be for a collective: NCCL reduces only CUDA tensors, gloo any."""
+    if torch_dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; a CPU tensor under NCCL makes the round trip through the GPU."""
     if torch_dist.is_initialized():
-        torch_dist.all_reduce(tensor)
+        device = collective_device(tensor)
+        if device == tensor.device:
+            torch_dist.all_reduce(tensor)
+        else:
+            on_device = tensor.to(device)
+            torch_dist.all_reduce(on_device)
+            tensor.copy_(on_device)
     return tensor
 
 
@@ -76,11 +91,29 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def shard_model(model, dist: Dist):
-    """FSDP2: one unit per block, then the root (embedding, final norm, LM head)."""
-    from torch.distributed.fsdp import fully_shard
+def reshard_all(model) -> None:
+    """Free the gathered parameters of every FSDP2 unit (after forwards without a backward)."""
+    for module in model.modules():
+        if hasattr(module, "reshard") and callable(module.reshard):
+            module.reshard()
 
+
+def shard_model(model, dist: Dist, bf16_blocks: bool = False):
+    """FSDP2: one unit per block, then the root (embedding, final norm, LM head).
+
+    Blocks stay gathered from forward to backward (reshard_after_forward=False): the backward
+    needs no second all-gather, and HRM, which calls each block several times per step, gathers
+    it once. With `bf16_blocks` (bf16 autocast on CUDA) block parameters are gathered in bf16,
+    the dtype autocast would cast them to anyway, and gradients reduced in fp32; inputs are not
+    cast, so the residual stream stays fp32 as on one GPU. The root keeps fp32 (the embedding's
+    output is the residual stream).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False)
+              if bf16_blocks else MixedPrecisionPolicy())
     for block in model.all_blocks():
-        fully_shard(block)
+        fully_shard(block, reshard_after_forward=False, mp_policy=policy)
     fully_shard(model)
     return model

@@ -18,7 +18,7 @@ import torch
 from ..model import PrefixLM
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
-from .distributed import Dist, all_reduce_sum, shard_model
+from .distributed import Dist, all_reduce_sum, reshard_all, shard_model
 from .metrics import MetricsLog, batch_stats, peak_flops
 
 __all__ = ["Trainer", "NonFiniteLossError", "lr_at", "evaluate", "autocast_for"]
@@ -111,10 +111,10 @@ def evaluate(model, batches, cfg: TrainConfig, device: torch.device) -> dict:
         stats = batch_stats(logits, batch.labels, batch.info)
         totals += torch.stack([stats[k].double() for k in _STAT_KEYS])
     model.train()
-    if hasattr(model, "reshard"):
-        # FSDP2 keeps the root unsharded after a forward until its backward; without a backward
-        # the full parameters would stay registered (and the EMA swap would mix in plain tensors).
-        model.reshard()
+    # FSDP2 keeps the root (and our blocks: reshard_after_forward=False) unsharded after a forward
+    # until its backward; without a backward the full parameters would stay registered (and the
+    # EMA swap would mix plain tensors with sharded ones).
+    reshard_all(model)
     values = dict(zip(_STAT_KEYS, totals.tolist()))
     tokens, samples = max(values["tokens"], 1), max(values["samples"], 1)
     return {"loss": values["ce_sum"] / tokens, "token_acc": values["correct"] / tokens,
@@ -140,7 +140,9 @@ class Trainer:
             for block in model.all_blocks():
                 block.compile(dynamic=False)
         if dist.distributed:
-            shard_model(model, dist)
+            bf16 = self.device.type == "cuda" and not isinstance(
+                autocast_for(cfg, self.device), contextlib.nullcontext)
+            shard_model(model, dist, bf16_blocks=bf16)
         self.model = model
         self.optimizer = build_optimizer(model, cfg, self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None

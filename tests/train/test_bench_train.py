@@ -224,3 +224,37 @@ def test_gpu_tools_smoke(tmp_path):
         "--run-capacity", "4096", "--run-steps", "4", "--vocab", "512", "--compile",
         "--json", str(tmp_path / "seed.json")])
     assert code == 0
+
+
+def test_profile_categories_of_real_kernel_names():
+    """Names as they appear in H200 profiles; attention must win over the "cutlass" in fmha names."""
+    from prefixlm.train.step_profile import classify
+
+    assert classify("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT") == "matmul"
+    assert classify("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    for name in ("_bwd_dkdv_kernel", "_fwd_kernel", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80",
+                 "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3",
+                 "triton_tem_fused_flex_attention_0", "prefixlm::attention"):
+        assert classify(name) == "attention", name
+    assert classify("triton_poi_fused_add_mul_silu_0") == "elementwise/norm/loss (fused)"
+    assert classify("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+    assert classify("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == \
+        "optimizer"
+    assert classify("something_new") == "other"
+
+
+def test_bench_train_profile_on_cpu(tmp_path, capsys):
+    """--profile N adds a per-category breakdown whose parts sum to the profiled total, with the
+    attention and matmul operators both present, and prints it as a table."""
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "train", *SMALL, "--steps", "1", "--warmup", "0", "--no-compile",
+                     "--backends", "sdpa", "--archs", "transformer", "--profile", "2",
+                     "--json", str(out)]) == 0
+    record = json.loads(out.read_text())["records"][0]
+    prof = record["profile"]
+    assert prof["steps"] == 2 and prof["ms_per_step"] > 0
+    assert prof["categories"]["attention"] > 0 and prof["categories"]["matmul"] > 0
+    assert sum(prof["categories"].values()) == pytest.approx(prof["ms_per_step"], rel=1e-3)
+    assert len(prof["top"]) > 0
+    printed = capsys.readouterr().out
+    assert "profile: self CPU time of operators" in printed and "| transformer | sdpa |" in printed

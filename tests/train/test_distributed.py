@@ -60,3 +60,23 @@ def test_torchrun_prefixlm_train_cli(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "held-out exact match" in done.stdout
     assert (tmp_path / "checkpoints" / "step_00000003" / "rank00001.pt").is_file()
+    # --resume under torchrun: every rank agrees on the checkpoint through a collective.
+    done = _torchrun(["-m", "prefixlm", "train", "--resume", f"run_dir={tmp_path}", "steps=5",
+                      "synthetic_train=300", "synthetic_eval=40", "capacity=512",
+                      "model.hidden=32", "model.heads=2", "progress=false"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "step_00000005" / "rank00001.pt").is_file()
+
+
+def test_collectives_of_cpu_tensors_go_through_the_gpu_under_nccl(monkeypatch):
+    """NCCL reduces CUDA tensors only: a resume under torchrun on GPUs once died all-reducing a
+    CPU flag ("No backend type associated with device type cpu")."""
+    import torch.distributed as torch_dist
+
+    from prefixlm.train import distributed
+
+    monkeypatch.setattr(torch_dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert distributed.collective_device(torch.zeros(1)) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch_dist, "get_backend", lambda *a: "gloo")
+    assert distributed.collective_device(torch.zeros(1)) == torch.device("cpu")

@@ -1,0 +1,80 @@
+"""Where a training step's time goes: device time per kernel category, from `torch.profiler`.
+
+Used by `prefixlm bench train --profile N` to explain a throughput figure (issue: a missed target
+is reported with a profile). On CUDA the categories sum the kernels' own device time; on the CPU,
+where there are no kernels, they sum the operators' self CPU time. Kernel names are matched, first
+pattern wins; the top kernels are kept verbatim so a misfiled name is visible in the JSON.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# Order matters: attention kernels also contain "cutlass" / "gemm"-like words (fmha_cutlassF).
+CATEGORIES = (
+    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter"),
+    ("attention", r"prefixlm::attention|_fwd_kernel|_bwd_dkdv|_bwd_dq|_bwd_delta|_cast_rows|"
+                  r"flash|fmha|sdpa|cudnn|attention|flex|triton_tem_"),
+    ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|matmul|aten::mm|aten::addmm|aten::bmm"),
+    ("optimizer", r"multi_tensor|adam|foreach|lerp"),
+    ("elementwise/norm/loss (fused)", r"triton_(poi|red|per)_|elementwise|reduce|vectorized|"
+                                      r"softmax|cross_entropy|nll|rms|norm"),
+    ("copy/fill/index", r"copy|fill|memset|memcpy|index|gather|scatter|cat|arange"),
+)
+_COMPILED = tuple((name, re.compile(pattern, re.I)) for name, pattern in CATEGORIES)
+
+
+def classify(name: str) -> str:
+    """The category of a kernel (or CPU operator) name; "other" when no pattern matches."""
+    for category, pattern in _COMPILED:
+        if pattern.search(name):
+            return category
+    return "other"
+
+
+def profile_steps(step, batches, device: torch.device, top: int = 12) -> dict:
+    """Run `step(batch)` for each batch under the profiler; per-step ms by category and top names."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for batch in batches:
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize(device)
+    per_name: dict[str, float] = {}
+    for event in prof.key_averages():
+        if cuda:
+            if event.device_type != DeviceType.CUDA:
+                continue
+            us = event.self_device_time_total
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            per_name[event.key] = per_name.get(event.key, 0.0) + us
+    n = max(len(batches), 1)
+    by_category: dict[str, float] = {}
+    for name, us in per_name.items():
+        category = classify(name)
+        by_category[category] = by_category.get(category, 0.0) + us / 1e3 / n
+    total = sum(by_category.values())
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    return dict(
+        clock="device time of kernels" if cuda else "self CPU time of operators",
+        steps=len(batches),
+        ms_per_step=total,
+        categories={k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        top=[(name[:120], round(us / 1e3 / n, 3)) for name, us in ranked],
+    )
+
+
+def summary_line(profile: dict) -> str:
+    """`attention 41% (12.3 ms), matmul 38% (...), ...` of one profile."""
+    total = profile["ms_per_step"] or 1.0
+    parts = [f"{name} {100 * ms / total:.0f}% ({ms:.1f} ms)"
+             for name, ms in profile["categories"].items() if ms / total >= 0.01]
+    return f"{profile['clock']}, {total:.1f} ms/step: " + ", ".join(parts)
