@@ -262,3 +262,23 @@ if __name__ == "__main__" and "--interpreted" in sys.argv:
         sys.exit("run with TRITON_INTERPRET=1")
     torch.manual_seed(0)
     _run_interpreted_checks()
+
+
+def test_sweep_script_parses_configs():
+    """bench/triton_sweep.py reads configs as the kernel's NamedTuples, booleans included, and
+    names the fields when a config has the wrong count."""
+    import importlib.util
+
+    from prefixlm.kernels.prefixlm_attention import BwdConfig, FwdConfig
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "triton_sweep.py"
+    spec = importlib.util.spec_from_file_location("triton_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    fwd = sweep.parse_configs(sweep.DEFAULT_FWD, FwdConfig)
+    assert fwd == [FwdConfig(128, 128, 8, 3, 3, True, False)]
+    bwd = sweep.parse_configs("64,64,8,2,128,64,8,3,0,1; ", BwdConfig)
+    assert bwd == [BwdConfig(64, 64, 8, 2, 128, 64, 8, 3, False, True)]
+    assert bwd[0].atomic_dq is False and bwd[0].overlap_dq is True
+    with pytest.raises(ValueError, match="kv_block_n"):
+        sweep.parse_configs("1,2,3", BwdConfig)

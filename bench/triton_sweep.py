@@ -1,0 +1,65 @@
+"""Time Triton kernel configs on one spec case (GPU), for tuning the tables in
+`prefixlm/kernels/prefixlm_attention.py`. The first config of each list should be the table's
+current entry: every other result is checked against it (max |difference| printed).
+
+    python bench/triton_sweep.py [--case A] [--fwd "128,128,8,3,3,1,0;..."] [--bwd "..."]
+
+A config is the comma-separated fields of `FwdConfig` / `BwdConfig` in order (booleans as 0/1).
+Without --fwd/--bwd the lists below run: the current entries and what has not been measured yet
+(BENCHMARKS.md lists what has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from prefixlm.kernels.prefixlm_attention import BwdConfig, FwdConfig
+
+DEFAULT_FWD = "128,128,8,3,3,1,0"
+# dK/dV with 64 keys and 8 warps: half the accumulator registers of 128 keys (which spill).
+DEFAULT_BWD = ("128,64,8,3,128,64,8,3,0,1;64,64,8,3,128,64,8,3,0,1;64,128,8,3,128,64,8,3,0,1;"
+               "64,64,8,2,128,64,8,3,0,1")
+
+
+def parse_configs(text: str, kind):
+    """'a,b,c;d,e,f' -> [kind(a, b, c), kind(d, e, f)], each field cast to the field's type."""
+    configs = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        values = [int(v) for v in item.split(",")]
+        if len(values) != len(kind._fields):
+            raise ValueError(f"{kind.__name__} takes {len(kind._fields)} fields "
+                             f"({', '.join(kind._fields)}), got {len(values)} in {item!r}")
+        defaults = kind()
+        configs.append(kind(*(type(getattr(defaults, name))(v)
+                              for name, v in zip(kind._fields, values))))
+    return configs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--case", default="A")
+    p.add_argument("--fwd", default=DEFAULT_FWD, help="FwdConfig list ('' skips)")
+    p.add_argument("--bwd", default=DEFAULT_BWD, help="BwdConfig list ('' skips)")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", default=None, metavar="PATH")
+    args = p.parse_args(argv)
+    fwd, bwd = parse_configs(args.fwd, FwdConfig), parse_configs(args.bwd, BwdConfig)
+
+    from prefixlm.attention.bench import sweep_configs
+
+    rows = sweep_configs(args.case, fwd, bwd, iters=args.iters)
+    print(f"\ncase {args.case}: ms, useful TFLOP/s, max |diff| to the first config")
+    for kind, cfg, ms, tflops, err in rows:
+        timing = f"{ms:8.3f} ms {tflops:5.0f}" if ms is not None else "  failed"
+        print(f"{kind:<10} {timing}  {err}  {cfg}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([dict(kind=k, config=c._asdict(), ms=m, tflops=t, diff=e)
+                       for k, c, m, t, e in rows], fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
