@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import statistics
 import sys
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 from prefixlm.train.bench import SpecLoader  # noqa: E402
 from prefixlm.train.config import load_config  # noqa: E402
 from prefixlm.train.distributed import setup  # noqa: E402
-from prefixlm.train.trainer import Trainer  # noqa: E402
+from prefixlm.train.trainer import Trainer, release_memory  # noqa: E402
 
 
 class NoCheckpointTrainer(Trainer):
@@ -69,9 +68,7 @@ def train_losses(backend: str, args) -> dict:
         trainer.close()
     elapsed = time.perf_counter() - started
     del trainer
-    gc.collect()
-    if dist.device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_memory(dist.device)
     return dict(backend=backend, seconds=elapsed,
                 loss=[r["loss"] for r in history], grad_norm=[r["grad_norm"] for r in history],
                 lr=[r["lr"] for r in history], config=cfg.to_dict())

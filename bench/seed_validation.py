@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import math
 import sys
@@ -143,7 +142,7 @@ def reference_grads(case):
 def check_zero_causal_run(backend, args, device) -> dict:
     from prefixlm.train.config import load_config
     from prefixlm.train.distributed import Dist
-    from prefixlm.train.trainer import NonFiniteLossError, Trainer
+    from prefixlm.train.trainer import NonFiniteLossError, Trainer, release_memory
 
     compile_ = args.compile
     cfg = load_config(None, [
@@ -177,9 +176,7 @@ def check_zero_causal_run(backend, args, device) -> dict:
     finally:
         trainer.close()
         del trainer
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
     zero_steps = [s["step"] for s in steps if s["all_zero_causal"]]
     crossed = bool(zero_steps) and zero_steps[0] < steps[-1]["step"]
     finite = all(math.isfinite(s["loss"]) and math.isfinite(s["grad_norm"]) for s in steps)

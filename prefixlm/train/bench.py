@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import gc
 import json
 import statistics
 import sys
@@ -48,6 +47,7 @@ import torch
 
 from ..attention.bench import spec_lengths
 from ..model.flops import block_matrix_params, step_flops
+from .distributed import all_reduce
 from .step_profile import profile_steps, summary_line
 
 __all__ = ["draw_lengths", "make_batch", "SpecLoader", "useful_pairs", "block_matrix_params",
@@ -194,20 +194,14 @@ def _cudnn_graphs() -> int:
 
 
 def _reduce(values: list[float], op: str) -> list[float]:
-    import torch.distributed as torch_dist
-    if not torch_dist.is_initialized():
-        return values
-    device = "cuda" if torch_dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM if op == "sum" else torch_dist.ReduceOp.MAX)
-    return t.tolist()
+    return all_reduce(torch.tensor(values, dtype=torch.float64), op).tolist()
 
 
 def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
              profile: int = 0) -> dict:
     """Warm-up then timed optimizer steps of one fresh Trainer, then `profile` profiled ones (not
     timed: the profiler slows the host); the record's measured fields."""
-    from .trainer import Trainer
+    from .trainer import Trainer, release_memory
 
     device = dist.device
     loader = SpecLoader(cfg.capacity, cfg.model.vocab_size, rank=dist.rank,
@@ -265,9 +259,7 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
     finally:
         trainer.close()
         del trainer
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(device)
 
 
 def _config(preset: str, capacity: int, vocab: int, compile_: bool, device: str, arch: str,
@@ -294,6 +286,7 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
     writes the JSON after every record (a run cut short keeps what it measured). Under torchrun,
     call it on every rank."""
     from .distributed import setup
+    from .trainer import release_memory
 
     if steps < 1 or warmup < 0 or profile < 0:
         raise ValueError(f"need steps >= 1, warmup >= 0 and profile >= 0, got steps={steps}, "
@@ -338,9 +331,7 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
                 except Exception as exc:  # report and go on: one backend must not hide the rest
                     rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
                 # Out of the except block: its traceback no longer holds the failed run's tensors.
-                gc.collect()
-                if dist.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                release_memory(dist.device)
             records.append(rec)
             _add_ratios(records)
             say(_line(rec), flush=True)

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..fsutil import fsync_dir
-from .distributed import all_reduce_sum, barrier
+from .distributed import all_reduce, barrier
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
            "CheckpointError", "load_model_weights"]
@@ -191,7 +191,7 @@ def load_checkpoint(path_or_root: str | Path, model, optimizer, ema: dict | None
             except (Exception, CheckpointException) as exc:  # noqa: BLE001
                 reason, step, local = f"cannot be read ({type(exc).__name__}: {exc})", -1, None
         failed = torch.tensor(0 if reason is None else 1)
-        if all_reduce_sum(failed).item() == 0:
+        if all_reduce(failed).item() == 0:
             return step, local, candidate
         reason = reason or "unreadable on another rank"
         errors.append(f"{candidate}: {reason}")

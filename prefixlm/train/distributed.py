@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["Dist", "setup", "shard_model", "barrier", "all_reduce_sum", "collective_device",
+__all__ = ["Dist", "setup", "shard_model", "barrier", "all_reduce", "collective_device",
            "reshard_all", "teardown"]
 
 
@@ -70,15 +70,19 @@ def collective_device(tensor: torch.Tensor) -> torch.device:
     return tensor.device
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place; a CPU tensor under NCCL makes the round trip through the GPU."""
+_REDUCE_OPS = {"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX}
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce over ranks ("sum" or "max"), in place; a no-op in a single process. A CPU tensor
+    under NCCL makes the round trip through the GPU."""
     if torch_dist.is_initialized():
         device = collective_device(tensor)
         if device == tensor.device:
-            torch_dist.all_reduce(tensor)
+            torch_dist.all_reduce(tensor, op=_REDUCE_OPS[op])
         else:
             on_device = tensor.to(device)
-            torch_dist.all_reduce(on_device)
+            torch_dist.all_reduce(on_device, op=_REDUCE_OPS[op])
             tensor.copy_(on_device)
     return tensor
 
@@ -93,8 +97,10 @@ def broadcast_object(obj, src: int = 0):
 
 def reshard_all(model) -> None:
     """Free the gathered parameters of every FSDP2 unit (after forwards without a backward)."""
+    from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
-        if hasattr(module, "reshard") and callable(module.reshard):
+        if isinstance(module, FSDPModule):
             module.reshard()
 
 

@@ -9,6 +9,7 @@ gradient of the mean token loss of the global batch whatever its split into rank
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from pathlib import Path
@@ -18,10 +19,11 @@ import torch
 from ..model import PrefixLM
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
-from .distributed import Dist, all_reduce_sum, reshard_all, shard_model
+from .distributed import Dist, all_reduce, reshard_all, shard_model
 from .metrics import MetricsLog, batch_stats, peak_flops
 
-__all__ = ["Trainer", "NonFiniteLossError", "lr_at", "evaluate", "autocast_for"]
+__all__ = ["Trainer", "NonFiniteLossError", "lr_at", "evaluate", "autocast_for",
+           "release_memory"]
 
 _STAT_KEYS = ("ce_sum", "tokens", "correct", "samples", "exact")
 
@@ -39,9 +41,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+def release_memory(device: torch.device) -> None:
+    """Between runs in one process (benchmarks): drop unreachable objects, then give the CUDA
+    caching allocator's free blocks back, so the next run starts from the same memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the run computes under bf16 autocast (auto: on CUDA)."""
+    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
 def autocast_for(cfg: TrainConfig, device: torch.device):
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if not use_bf16:
+    if not uses_bf16(cfg, device):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -140,8 +154,7 @@ class Trainer:
             for block in model.all_blocks():
                 block.compile(dynamic=False)
         if dist.distributed:
-            bf16 = self.device.type == "cuda" and not isinstance(
-                autocast_for(cfg, self.device), contextlib.nullcontext)
+            bf16 = self.device.type == "cuda" and uses_bf16(cfg, self.device)
             shard_model(model, dist, bf16_blocks=bf16)
         self.model = model
         self.optimizer = build_optimizer(model, cfg, self.device)
@@ -185,7 +198,7 @@ class Trainer:
     def train_step(self, batches: list) -> dict:
         model, cfg = self.model, self.cfg
         local_tokens = sum((b.labels != -100).sum() for b in batches)
-        global_tokens = all_reduce_sum(local_tokens.to(torch.float32))
+        global_tokens = all_reduce(local_tokens.to(torch.float32))
         scale = self.dist.world_size / global_tokens.clamp(min=1)
         totals = torch.zeros(len(_STAT_KEYS), device=self.device, dtype=torch.float64)
         attended, rows = 0, 0
@@ -199,7 +212,7 @@ class Trainer:
             totals += torch.stack([stats[k].detach().double() for k in _STAT_KEYS])
             attended += attended_keys(batch.info)
             rows += batch.info.total
-        all_reduce_sum(totals)
+        all_reduce(totals)
         values = dict(zip(_STAT_KEYS, totals.tolist()))  # the one host sync of the step
         loss = values["ce_sum"] / max(values["tokens"], 1)
         if not math.isfinite(loss):
