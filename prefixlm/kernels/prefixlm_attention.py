@@ -53,6 +53,29 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_kv(k_base, v_base, cols, offs_d, stride_kt, stride_vt, seqlen, MASK: tl.constexpr):
+    """K and V rows `cols` of a sample; masked tiles read rows past the sample as 0."""
+    if MASK:
+        kv_ok = cols < seqlen
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_ok[:, None],
+                    other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_ok[:, None],
+                    other=0.0)
+    else:
+        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
+        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def _allowed(queries, cols, prefix, seqlen):
+    """(queries, keys) pairs the PrefixLM mask allows within one sample: the key is in the prefix
+    or at/before the query, and inside the sample."""
+    return ((cols[None, :] < prefix) | (cols[None, :] <= queries[:, None])) & \
+        (cols[None, :] < seqlen)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, row0, col0, stride_kt, stride_vt,
                lo, hi, offs_m, offs_n, offs_d, seqlen, prefix, qk_scale, MASK: tl.constexpr,
                BLOCK_N: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
@@ -67,20 +90,11 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, desc_k, desc_v, row0, col0, str
             if MASK:
                 # Their p is 0, but 0 * NaN is NaN: zero those V rows too.
                 v = tl.where((cols < seqlen)[:, None], v, 0.0)
-        elif MASK:
-            kv_ok = cols < seqlen
-            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_ok[:, None],
-                        other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_ok[:, None],
-                        other=0.0)
         else:
-            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+            k, v = _load_kv(k_base, v_base, cols, offs_d, stride_kt, stride_vt, seqlen, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MASK:
-            allowed = ((cols[None, :] < prefix) | (cols[None, :] <= offs_m[:, None])) & \
-                (cols[None, :] < seqlen)
-            qk = tl.where(allowed, qk, float("-inf"))
+            qk = tl.where(_allowed(offs_m, cols, prefix, seqlen), qk, float("-inf"))
         # qk_scale > 0, so the max commutes with the scaling: one FMA per score below
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -273,21 +287,11 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, 
                   BLOCK_N: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     for n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
         cols = n + offs_n
-        if MASK:
-            kv_ok = cols < seqlen
-            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kv_ok[:, None],
-                        other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kv_ok[:, None],
-                        other=0.0)
-        else:
-            k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :])
-            v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :])
+        k, v = _load_kv(k_base, v_base, cols, offs_d, stride_kt, stride_vt, seqlen, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASK:
-            allowed = ((cols[None, :] < prefix) | (cols[None, :] <= offs_m[:, None])) & \
-                (cols[None, :] < seqlen)
-            p = tl.where(allowed, p, 0.0)
+            p = tl.where(_allowed(offs_m, cols, prefix, seqlen), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
