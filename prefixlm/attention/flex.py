@@ -2,7 +2,8 @@
 
 The mask is attention-gym's composition: same sample AND (key in the sample's prefix OR key <= query),
 with padding rows in no sample (so they attend nothing and come out 0). The block mask is built from
-the device tensors of `SeqInfo` (no host sync) once per `SeqInfo` and reused by forward and backward;
+the device tensors of `SeqInfo` (no host sync, no `create_block_mask`: see `_block_mask`) once per
+`SeqInfo` and reused by every layer's forward and backward;
 FlexAttention's own autograd gives the backward. Outside `torch.compile` the call goes through a
 compiled FlexAttention on CUDA (eager Flex is a slow reference implementation); on CPU it runs eagerly.
 """
@@ -20,7 +21,7 @@ NAME = "flex"
 USES_OP = False
 
 try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # torch < 2.5
     flex_attention = None
 
@@ -35,22 +36,57 @@ def unavailable_reason(q, k, v):
     return None
 
 
+BLOCK = 128  # FlexAttention's default sparse block size
+
+
+def _kv_blocks(selected: torch.Tensor):
+    """(counts, indices) of a (q blocks, kv blocks) selection in BlockMask's layout: per q block,
+    how many kv blocks, then their indices first (ascending) and the rest after."""
+    counts = selected.sum(-1, dtype=torch.int32)
+    indices = torch.argsort((~selected).to(torch.int32), dim=-1, stable=True).to(torch.int32)
+    return counts[None, None], indices[None, None]
+
+
 def _block_mask(info, rows: int, device):
+    """The BlockMask, classified block by block from each row's interval of allowed keys.
+
+    Row t of sample s (start a, prefix end e) may attend exactly the keys [a, max(e, t + 1)); a
+    padding row attends nothing. A (q block, kv block) pair is "full" when every row's interval
+    covers the kv block, "partial" (mask_mod applied) when some row's interval meets it, else
+    skipped. This costs O(rows * kv blocks) with plain tensor ops; `create_block_mask` evaluates
+    mask_mod on all rows^2 pairs through a compiled graph whose Inductor compile took 205 s at
+    16384 rows on the H200 (torch 2.11), which kept compiled Flex training from starting."""
+    q_block, kv_block = min(BLOCK, rows), BLOCK  # Flex's own rule for short queries
+    q_blocks, kv_blocks = -(-rows // q_block), -(-rows // kv_block)
+    span = max(q_blocks * q_block, kv_blocks * kv_block)  # rows mask_mod may be asked about
     cu = info.cu_seqlens.long()
-    token = torch.arange(rows, device=device)
+    token = torch.arange(span, device=device)
     # sample[t] = how many samples end at or before t: a scatter of the ends and a running sum
     # (torch 2.11's inductor cannot lower searchsorted over a slice of cu_seqlens on CUDA).
-    ends = torch.zeros(rows + 1, dtype=torch.long, device=device).scatter_add(
-        0, cu[1:].clamp(max=rows), torch.ones_like(cu[1:]))
-    sample = ends.cumsum(0)[:rows].clamp(max=info.slots - 1)
-    prefix_end = cu[sample] + info.prefix_lens.long()[sample]       # absolute end of the prefix
-    sample = torch.where(token < cu[-1], sample, -1)                 # padding: in no sample
+    ends = torch.zeros(span + 1, dtype=torch.long, device=device).scatter_add(
+        0, cu[1:].clamp(max=span), torch.ones_like(cu[1:]))
+    sample = ends.cumsum(0)[:span].clamp(max=info.slots - 1)
+    start = cu[sample]
+    prefix_end = start + info.prefix_lens.long()[sample]            # absolute end of the prefix
+    is_token = token < cu[-1]
+    sample = torch.where(is_token, sample, -1)                       # padding: in no sample
 
     def mask_mod(b, h, q_idx, kv_idx):
         same = (sample[q_idx] == sample[kv_idx]) & (sample[q_idx] >= 0)
         return same & prefixlm_allowed(q_idx, kv_idx, prefix_end[q_idx])
 
-    return create_block_mask(mask_mod, None, None, rows, rows, device=device)
+    # Each row's allowed keys [lo, hi), empty for padding and rows past the end (int32: the
+    # (q blocks, q block, kv blocks) comparisons below are the largest temporaries).
+    lo = torch.where(is_token, start, 0).int()[:q_blocks * q_block].view(q_blocks, q_block, 1)
+    hi = torch.where(is_token, torch.maximum(prefix_end, token + 1), 0).int()
+    hi = hi[:q_blocks * q_block].view(q_blocks, q_block, 1)
+    k0 = torch.arange(kv_blocks, device=device, dtype=torch.int32) * kv_block
+    k1 = k0 + kv_block
+    meets = (torch.maximum(lo, k0) < torch.minimum(hi, k1)).any(1)   # (q blocks, kv blocks)
+    covers = ((lo <= k0) & (hi >= k1)).all(1)
+    partial, full = _kv_blocks(meets & ~covers), _kv_blocks(covers)
+    return BlockMask.from_kv_blocks(*partial, *full, BLOCK_SIZE=(q_block, kv_block),
+                                    mask_mod=mask_mod, seq_lengths=(rows, rows))
 
 
 @functools.cache
