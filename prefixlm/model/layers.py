@@ -55,7 +55,10 @@ class Attention(nn.Module):
     """Self-attention with one fused projection to q, k, v and a per-head output gate.
 
     out = W_o · concat_h( sigmoid(g_h) * attn_h ), with g_h a scalar per token and head (gated
-    attention: lets a head switch itself off instead of parking mass on a sink token).
+    attention: lets a head switch itself off instead of parking mass on a sink token). The gate has
+    its own projection: fused into the q/k/v one, its `heads` extra columns made every row of the
+    q/k/v views a non-multiple of 16 bytes (3 * 1280 + 10 elements in the L model), which costs the
+    attention kernels their vector loads and tensor descriptors.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -63,13 +66,14 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.num_kv_heads, cfg.head_dim
         self.backend = cfg.attention_backend
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.split = (q_dim, kv_dim, kv_dim, self.heads)
-        self.qkvg = nn.Linear(cfg.hidden, sum(self.split), bias=False)
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv = nn.Linear(cfg.hidden, sum(self.split), bias=False)
+        self.gate = nn.Linear(cfg.hidden, self.heads, bias=False)
         self.out = nn.Linear(q_dim, cfg.hidden, bias=False)
 
     def forward(self, x, rope, info: SeqInfo, cache=None):
         rows = x.shape[0]
-        q, k, v, gate = self.qkvg(x).split(self.split, dim=-1)
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = apply_rope(q.view(rows, self.heads, self.head_dim), *rope)
         k = apply_rope(k.view(rows, self.kv_heads, self.head_dim), *rope)
         v = v.view(rows, self.kv_heads, self.head_dim)
@@ -77,7 +81,7 @@ class Attention(nn.Module):
             attn = prefixlm_attention(q, k, v, info, backend=self.backend)
         else:
             attn = cache.attend(q, k, v, info, self.backend)
-        attn = attn * torch.sigmoid(_wide(gate)).to(attn.dtype)[..., None]
+        attn = attn * torch.sigmoid(_wide(self.gate(x))).to(attn.dtype)[..., None]
         return self.out(attn.reshape(rows, -1))
 
 

@@ -176,7 +176,7 @@ def test_interpreted(interpreted, name):
 
 def test_tensor_descriptors_only_on_aligned_layouts():
     """The Hopper forward reads K/V through tensor descriptors only where rows and base are 16-byte
-    aligned; the model's fused q/k/v/gate views (rows of 3*H*D + H elements) take plain loads."""
+    aligned; views of a fused q/k/v/gate projection (rows of 3*H*D + H elements) take plain loads."""
     from prefixlm.kernels.prefixlm_attention import tma_compatible
 
     dense = torch.zeros(64, 4, 32, dtype=torch.bfloat16)
@@ -229,9 +229,10 @@ def test_gpu_matches_reference(kind, dtype, heads, head_dim, deterministic):
 @pytest.mark.parametrize("kind", ["edge_mix", "random"])
 @pytest.mark.parametrize("heads", [(10, 10), (12, 4)])
 def test_gpu_fused_layout_nan_padding(kind, heads):
-    """The layout the model feeds the op (views of the fused q/k/v/gate projection, rows of
-    3*H*D + H elements) with NaN in the padding rows: the rule holds and padding stays out (an
-    L-size training run once got NaN here from a tensor descriptor over such a view)."""
+    """The layout the model fed the op until its gate got its own projection (views of a fused
+    q/k/v/gate projection, rows of 3*H*D + H elements) with NaN in the padding rows: the rule
+    holds and padding stays out (an L-size training run once got NaN here from a tensor
+    descriptor over such a view)."""
     case = make_case(kind, SESSION_SEED + 16, num_q_heads=heads[0], num_kv_heads=heads[1],
                      head_dim=128, dtype=torch.bfloat16, device="cuda", layout="fused",
                      nan_padding=True)
