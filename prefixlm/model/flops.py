@@ -13,7 +13,7 @@ from __future__ import annotations
 
 
 def block_matrix_params(cfg) -> int:
-    """Weights of one block's matmuls: fused q/k/v, gate, output, SwiGLU gate/up and down."""
+    """Weights of one block's matmuls: fused q/k/v/gate, output, SwiGLU gate/up and down."""
     q_dim, kv_dim = cfg.heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     return (cfg.hidden * (q_dim + 2 * kv_dim + cfg.heads) + q_dim * cfg.hidden
             + cfg.hidden * 2 * cfg.ffn_dim + cfg.ffn_dim * cfg.hidden)

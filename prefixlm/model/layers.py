@@ -55,10 +55,7 @@ class Attention(nn.Module):
     """Self-attention with one fused projection to q, k, v and a per-head output gate.
 
     out = W_o · concat_h( sigmoid(g_h) * attn_h ), with g_h a scalar per token and head (gated
-    attention: lets a head switch itself off instead of parking mass on a sink token). The gate has
-    its own projection: fused into the q/k/v one, its `heads` extra columns made every row of the
-    q/k/v views a non-multiple of 16 bytes (3 * 1280 + 10 elements in the L model), which costs the
-    attention kernels their vector loads and tensor descriptors.
+    attention: lets a head switch itself off instead of parking mass on a sink token).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -66,14 +63,18 @@ class Attention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.num_kv_heads, cfg.head_dim
         self.backend = cfg.attention_backend
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        self.split = (q_dim, kv_dim, kv_dim)
-        self.qkv = nn.Linear(cfg.hidden, sum(self.split), bias=False)
-        self.gate = nn.Linear(cfg.hidden, self.heads, bias=False)
+        # The projection's width is rounded up to 8 columns so that the q/k/v views keep rows of
+        # a multiple of 16 bytes (bf16): 3 * 1280 + 10 columns (L) cost the attention kernels their
+        # vector loads and tensor descriptors. The few extra columns are never read (their weights
+        # get no gradient); a separate gate projection measured slower (its backward, BENCHMARKS.md).
+        used = q_dim + 2 * kv_dim + self.heads
+        self.split = (q_dim, kv_dim, kv_dim, self.heads, -used % 8)
+        self.qkvg = nn.Linear(cfg.hidden, used + self.split[-1], bias=False)
         self.out = nn.Linear(q_dim, cfg.hidden, bias=False)
 
     def forward(self, x, rope, info: SeqInfo, cache=None):
         rows = x.shape[0]
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q, k, v, gate, _unused = self.qkvg(x).split(self.split, dim=-1)
         q = apply_rope(q.view(rows, self.heads, self.head_dim), *rope)
         k = apply_rope(k.view(rows, self.kv_heads, self.head_dim), *rope)
         v = v.view(rows, self.kv_heads, self.head_dim)
@@ -81,7 +82,7 @@ class Attention(nn.Module):
             attn = prefixlm_attention(q, k, v, info, backend=self.backend)
         else:
             attn = cache.attend(q, k, v, info, self.backend)
-        attn = attn * torch.sigmoid(_wide(self.gate(x))).to(attn.dtype)[..., None]
+        attn = attn * torch.sigmoid(_wide(gate)).to(attn.dtype)[..., None]
         return self.out(attn.reshape(rows, -1))
 
 

@@ -19,9 +19,10 @@ with T = real tokens of the batch (padding excluded) and, per sample, pairs = p*
 
     FLOPs = 3 * 2 * T * N_head + sum over block calls of m * (2 * T * N_block + 4 * Hq * D * pairs)
 
-N_block = parameters of a block's matrices (qkv, gate, out, gate_up, down), N_head = vocab * hidden (LM
-head), Hq * D = query heads x head dim, m = 3 for a call under autograd (forward + backward = 3x the
-forward) and m = 1 for a call without (HRM's first H_cycles - grad_cycles cycles). A transformer
+N_block = parameters of a block's matrices (qkvg without its padding columns, out, gate_up, down),
+N_head = vocab * hidden (LM head), Hq * D = query heads x head dim, m = 3 for a call under
+autograd (forward + backward = 3x the forward) and m = 1 for a call without (HRM's first
+H_cycles - grad_cycles cycles). A transformer
 is thus 6 * T * N + 12 * layers * Hq * D * pairs. MFU = FLOPs / step time / peak, with peak = 989e12
 (H100/H200 dense bf16) per GPU unless --peak-tflops says otherwise.
 Reported per (arch, backend): real tokens/s (per GPU and over all GPUs), median and mean step time,

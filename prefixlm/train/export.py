@@ -43,7 +43,8 @@ logits = model(torch.tensor(ids), torch.arange(len(ids)), info)
 `config.json` holds Hugging Face-style fields (hidden_size, num_hidden_layers, ...) and the exact
 model configuration under `prefixlm`. Attention: prefix tokens attend the whole prefix; response
 tokens attend the prefix and earlier response tokens; each attention output is multiplied per head
-by sigmoid(gate) from its own `gate` projection; RoPE (theta {theta}) on per-sample positions.
+by sigmoid(gate) from the fused `qkvg` projection (whose last few columns, padding to a
+multiple of 8, are unused); RoPE (theta {theta}) on per-sample positions.
 """
 
 

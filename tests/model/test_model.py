@@ -166,3 +166,28 @@ def test_bad_model_config_is_rejected():
         preset_config("huge")
     with pytest.raises(ValueError, match="arch"):
         PrefixLM(preset_config("tiny", vocab_size=10, arch="rnn"))
+
+
+def test_qkv_views_have_16_byte_aligned_rows(monkeypatch):
+    """Guards the attention kernels' fast path: with 4 heads of 16 + 2 kv heads the fused q/k/v/gate
+    projection has 4*16 + 2*2*16 + 4 = 132 columns, whose bf16 rows (264 bytes) are no multiple of
+    16 bytes; the layer pads it to 136 and never reads the padding (it gets no gradient)."""
+    from prefixlm.model import layers
+
+    seen, attention = [], layers.prefixlm_attention
+
+    def spy(q, k, v, info, backend):
+        seen.append([t.stride(0) * t.element_size() for t in (q, k, v)])
+        return attention(q, k, v, info, backend=backend)
+
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", vocab_size=VOCAB, hidden=64, heads=4, kv_heads=2, ffn_hidden=96,
+                        attention_backend="sdpa")
+    model = PrefixLM(cfg).to(torch.bfloat16)
+    monkeypatch.setattr(layers, "prefixlm_attention", spy)
+    ids, pos, info = _batch(PREFIX, CAUSAL, CAPACITY)
+    model(ids, pos, info).float().square().mean().backward()
+    assert seen and all(stride % 16 == 0 for strides in seen for stride in strides), seen
+    for block in model.all_blocks():
+        grad = block.attn.qkvg.weight.grad
+        assert grad.shape[0] == 136 and grad[132:].abs().max() == 0 and grad[:132].abs().max() > 0
