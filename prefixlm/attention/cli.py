@@ -73,8 +73,8 @@ def register(subparsers) -> None:
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--layout", default="alternate", choices=[*LAYOUTS, "alternate"],
                    help="q/k/v as separate tensors, as views of one fused q/k/v/gate projection "
-                        "(rows of no 16-byte multiple, as the model had before its gate got its own "
-                        "projection), or alternating")
+                        "(rows of no 16-byte multiple, the model's layout before its projection "
+                        "was padded), or alternating")
     p.add_argument("--nan-padding", action="store_true",
                    help="fill the padding rows of q, k, v and dout with NaN (must not leak into "
                         "real rows; flex cannot promise it)")

@@ -1,11 +1,11 @@
 """`backend="flex"`: FlexAttention with a document + prefix block mask.
 
-The mask is attention-gym's composition: same sample AND (key in the sample's prefix OR key <= query),
-with padding rows in no sample (so they attend nothing and come out 0). The block mask is built from
-the device tensors of `SeqInfo` (no host sync, no `create_block_mask`: see `_block_mask`) once per
-`SeqInfo` and reused by every layer's forward and backward;
-FlexAttention's own autograd gives the backward. Outside `torch.compile` the call goes through a
-compiled FlexAttention on CUDA (eager Flex is a slow reference implementation); on CPU it runs eagerly.
+The mask is attention-gym's composition: same sample AND (key in the sample's prefix OR
+key <= query), with padding rows in no sample (so they attend nothing and come out 0). The block
+mask is built from the device tensors of `SeqInfo` (no host sync, no `create_block_mask`: see
+`_block_mask`) once per `SeqInfo` and reused by every layer's forward and backward; FlexAttention's
+own autograd gives the backward. Outside `torch.compile` the call goes through a compiled
+FlexAttention on CUDA (eager Flex is a slow reference implementation); on CPU it runs eagerly.
 """
 
 from __future__ import annotations

@@ -89,9 +89,9 @@ def make_case(kind: str, seed: int, *, num_q_heads: int = 4, num_kv_heads: int =
 
     Capacity exceeds the total by a random odd-ish tail when `padding` is set, so padding rows and
     totals that are not multiples of any block size are always exercised. `layout="fused"` gives
-    q, k, v as views of one (T, (Hq + 2 Hkv) D + Hq) tensor, a fused q/k/v/gate
-    projection (the model's layout until its gate got its own): rows of no 16-byte multiple. `nan_padding` fills the padding rows
-    of q, k, v and the output gradient with NaN, which no real row may see.
+    q, k, v as views of one (T, (Hq + 2 Hkv) D + Hq) tensor, a fused q/k/v/gate projection (the
+    model's layout before its projection was padded): rows of no 16-byte multiple. `nan_padding`
+    fills the padding rows of q, k, v and the output gradient with NaN, which no real row may see.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")

@@ -66,7 +66,7 @@ class Attention(nn.Module):
         # The projection's width is rounded up to 8 columns so that the q/k/v views keep rows of
         # a multiple of 16 bytes (bf16): 3 * 1280 + 10 columns (L) cost the attention kernels their
         # vector loads and tensor descriptors. The few extra columns are never read (their weights
-        # get no gradient); a separate gate projection measured slower (its backward, BENCHMARKS.md).
+        # get no gradient); a separate gate projection measured slower (BENCHMARKS.md).
         used = q_dim + 2 * kv_dim + self.heads
         self.split = (q_dim, kv_dim, kv_dim, self.heads, -used % 8)
         self.qkvg = nn.Linear(cfg.hidden, used + self.split[-1], bias=False)

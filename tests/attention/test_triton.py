@@ -97,7 +97,7 @@ def _run_interpreted_checks():
     _report("tma_forward_path", err < 5e-3 and (tma_out[nan_meta.total:] == 0).all().item(),
             f"max error {err:.3g}")
 
-    # The model's layout (views of a fused projection, rows of no 16-byte multiple) with NaN
+    # Views of an unpadded fused projection (rows of no 16-byte multiple) with NaN
     # padding, forward and backward, by the accuracy rule.
     fused = make_case("edge_mix", SESSION_SEED + 15, num_q_heads=2, num_kv_heads=1, head_dim=32,
                       dtype=torch.float16, max_len=130, layout="fused", nan_padding=True)
@@ -176,7 +176,8 @@ def test_interpreted(interpreted, name):
 
 def test_tensor_descriptors_only_on_aligned_layouts():
     """The Hopper forward reads K/V through tensor descriptors only where rows and base are 16-byte
-    aligned; views of a fused q/k/v/gate projection (rows of 3*H*D + H elements) take plain loads."""
+    aligned; views of an unpadded q/k/v/gate projection (rows of 3*H*D + H elements) take plain
+    loads."""
     from prefixlm.kernels.prefixlm_attention import tma_compatible
 
     dense = torch.zeros(64, 4, 32, dtype=torch.bfloat16)
@@ -229,7 +230,7 @@ def test_gpu_matches_reference(kind, dtype, heads, head_dim, deterministic):
 @pytest.mark.parametrize("kind", ["edge_mix", "random"])
 @pytest.mark.parametrize("heads", [(10, 10), (12, 4)])
 def test_gpu_fused_layout_nan_padding(kind, heads):
-    """The layout the model fed the op until its gate got its own projection (views of a fused
+    """The layout the model fed the op before its projection was padded (views of a fused
     q/k/v/gate projection, rows of 3*H*D + H elements) with NaN in the padding rows: the rule
     holds and padding stays out (an L-size training run once got NaN here from a tensor
     descriptor over such a view)."""

@@ -90,8 +90,8 @@ def test_step_flops_formula():
     pairs, tokens = useful_pairs(info), info.total
     assert pairs == 40 * 40 + 10 * 40 + 10 * 11 // 2 + 20 * 20
     # Independently: 6 x (matmul weights actually in the model) per token + 3 x attention.
-    weights = model.lm_head.weight.numel() + sum(
-        p.numel() for b in model.blocks for p in b.parameters() if p.dim() > 1) - padding * cfg.layers
+    weights = model.lm_head.weight.numel() - padding * cfg.layers + sum(
+        p.numel() for b in model.blocks for p in b.parameters() if p.dim() > 1)
     expected = 6 * weights * tokens + 3 * 4 * cfg.heads * cfg.head_dim * pairs * cfg.layers
     assert step_flops(cfg, tokens, pairs) == pytest.approx(expected, rel=1e-12)
     assert model.flops_per_token(pairs / tokens) * tokens == pytest.approx(expected, rel=1e-12)
@@ -227,6 +227,8 @@ def test_gpu_tools_smoke(tmp_path):
         "--run-capacity", "4096", "--run-steps", "4", "--vocab", "512", "--compile",
         "--json", str(tmp_path / "seed.json")])
     assert code == 0
+    assert _script("flex_first_steps").main(["--preset", "tiny", "--capacity", "4096",
+                                             "--steps", "2"]) == 0
 
 
 def test_profile_categories_of_real_kernel_names():
