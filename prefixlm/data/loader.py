@@ -26,7 +26,7 @@ from ..attention import SeqInfo
 from .dataset import EpochIndex, V1Dataset
 from .sampler import MultipackSampler, PackPlan
 
-__all__ = ["Batch", "PackedLoader", "assemble_batch", "IGNORE_INDEX"]
+__all__ = ["Batch", "PackedLoader", "assemble_batch", "supervised_rows", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 PREFIX_LEAK_MESSAGE = (
@@ -41,6 +41,14 @@ class Batch(NamedTuple):
     labels: torch.Tensor        # (capacity,) int64, -100 where unsupervised
     position_ids: torch.Tensor  # (capacity,) int64
     info: SeqInfo
+    # (n,) int64, ascending: the rows whose label is not -100, found on the host when the labels
+    # are built (selecting them on the device would sync); None: not given, use every row.
+    supervised_rows: torch.Tensor | None = None
+
+
+def supervised_rows(labels: np.ndarray) -> torch.Tensor:
+    """The rows of a host label array that are supervised (label != -100), as an int64 tensor."""
+    return torch.from_numpy(np.flatnonzero(np.asarray(labels) != IGNORE_INDEX).astype(np.int64))
 
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
@@ -202,17 +210,19 @@ class PackedLoader:
 
     def _produce(self, epoch: int, step: int):
         rows, prefix, causal = self.host_batch(epoch, step)
+        supervised = supervised_rows(rows[1])
         rows = torch.from_numpy(rows)
         if self._pin:
-            rows = rows.pin_memory()
-        return rows, prefix, causal
+            rows, supervised = rows.pin_memory(), supervised.pin_memory()
+        return rows, supervised, prefix, causal
 
     def _finish(self, item) -> Batch:
-        rows, prefix, causal = item
+        rows, supervised, prefix, causal = item
         if self.device is not None:
             rows = rows.to(self.device, non_blocking=self._pin)
+            supervised = supervised.to(self.device, non_blocking=self._pin)
         info = SeqInfo.from_lengths(prefix, causal, capacity=self.capacity, device=self.device)
-        return Batch(rows[0], rows[1], rows[2], info)
+        return Batch(rows[0], rows[1], rows[2], info, supervised)
 
     def _positions(self, epoch: int, step: int):
         while True:

@@ -3,7 +3,10 @@
 Per optimizer step on T real tokens with `pairs` allowed (query, key) pairs (PrefixLM: per sample
 p*p + c*p + c*(c+1)/2), counting a matmul of m x k by k x n as 2*m*k*n:
 
-    3 * 2*T*N_head  +  sum over block calls  m * (2*T*N_block + 4*Hq*D*pairs)
+    3 * 2*R*N_head  +  sum over block calls  m * (2*T*N_block + 4*Hq*D*pairs)
+
+R = the rows the LM head runs on: every token (T), or only the supervised rows when training
+passes them (`PrefixLM.forward(rows=...)`): logits nobody reads are not computed, nor counted.
 
 m = 3 for a block call under autograd (forward + backward = 3 x forward) and 1 for the HRM cycles
 that run without gradient; N_block counts the matmul weights of one block.
@@ -28,9 +31,10 @@ def block_calls(cfg) -> tuple[int, int]:
     return cfg.grad_cycles * per_cycle, (cfg.H_cycles - cfg.grad_cycles) * per_cycle
 
 
-def step_flops(cfg, tokens: int, pairs: int) -> float:
-    """Model FLOPs of one optimizer step on `tokens` real tokens (module docstring's formula)."""
+def step_flops(cfg, tokens: int, pairs: int, head_rows: int | None = None) -> float:
+    """Model FLOPs of one optimizer step on `tokens` real tokens, the LM head on `head_rows` of
+    them (default: all) -- the module docstring's formula."""
     grad_calls, forward_calls = block_calls(cfg)
     per_call = 2.0 * tokens * block_matrix_params(cfg) + 4.0 * cfg.heads * cfg.head_dim * pairs
-    head = 2.0 * tokens * cfg.vocab_size * cfg.hidden
+    head = 2.0 * (tokens if head_rows is None else head_rows) * cfg.vocab_size * cfg.hidden
     return 3 * head + (3 * grad_calls + forward_calls) * per_call

@@ -84,8 +84,15 @@ class PrefixLM(nn.Module):
                 z_H = self._stack(self.H_blocks, z_H + z_L, rope, info, cache)
         return self.norm(z_H)
 
-    def forward(self, input_ids, position_ids, info: SeqInfo, cache=None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, position_ids, info, cache))
+    def forward(self, input_ids, position_ids, info: SeqInfo, cache=None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (T, vocab), or (len(rows), vocab) for the int64 row indices `rows` only: in
+        training only supervised rows need logits, about a third of a PrefixLM batch's, and the
+        LM head and the loss are the step's largest matrix and tensors."""
+        hidden = self.hidden_states(input_ids, position_ids, info, cache)
+        if rows is not None:
+            hidden = hidden.index_select(0, rows)
+        return self.lm_head(hidden)
 
     def num_params(self, non_embedding: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())

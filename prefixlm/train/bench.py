@@ -17,14 +17,14 @@ FLOPs per optimizer step (model FLOPs: no credit for recomputation, embedding lo
 with T = real tokens of the batch (padding excluded) and, per sample, pairs = p*p + c*p + c*(c+1)/2
 (the (query, key) pairs the PrefixLM mask allows):
 
-    FLOPs = 3 * 2 * T * N_head + sum over block calls of m * (2 * T * N_block + 4 * Hq * D * pairs)
+    FLOPs = 3 * 2 * R * N_head + sum over block calls of m * (2 * T * N_block + 4 * Hq * D * pairs)
 
 N_block = parameters of a block's matrices (qkvg without its padding columns, out, gate_up, down),
-N_head = vocab * hidden (LM head), Hq * D = query heads x head dim, m = 3 for a call under
-autograd (forward + backward = 3x the forward) and m = 1 for a call without (HRM's first
-H_cycles - grad_cycles cycles). A transformer
-is thus 6 * T * N + 12 * layers * Hq * D * pairs. MFU = FLOPs / step time / peak, with peak = 989e12
-(H100/H200 dense bf16) per GPU unless --peak-tflops says otherwise.
+N_head = vocab * hidden (LM head), R = supervised rows (the only ones the head runs on), Hq * D =
+query heads x head dim, m = 3 for a call under autograd (forward + backward = 3x the forward) and
+m = 1 for a call without (HRM's first H_cycles - grad_cycles cycles). A transformer is thus
+6 * (T * layers * N_block + R * N_head) + 12 * layers * Hq * D * pairs. MFU = FLOPs / step time /
+peak, with peak = 989e12 (H100/H200 dense bf16) per GPU unless --peak-tflops says otherwise.
 Reported per (arch, backend): real tokens/s (per GPU and over all GPUs), median and mean step time,
 TFLOP/s and MFU per GPU, peak memory (torch.cuda.max_memory_allocated, max over ranks), tokens/s
 relative to `flex`, graphs compiled during the timed steps (should be 0) and in all (a large count
@@ -85,7 +85,7 @@ def make_batch(prefix, causal, capacity: int, vocab: int, seed: int, device="cpu
     steps, then copying from the prefix), so a convergence curve falls instead of sitting at
     log(vocab)."""
     from ..attention import SeqInfo
-    from ..data.loader import IGNORE_INDEX, Batch
+    from ..data.loader import IGNORE_INDEX, Batch, supervised_rows
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.multinomial(_zipf(vocab), max(sum(prefix), 1), replacement=True, generator=g)
@@ -105,7 +105,8 @@ def make_batch(prefix, causal, capacity: int, vocab: int, seed: int, device="cpu
         positions[at:at + p + c] = torch.arange(p + c)
         at += p + c
     info = SeqInfo.from_lengths(prefix, causal, capacity=capacity, device=device)
-    return Batch(inputs.to(device), labels.to(device), positions.to(device), info)
+    return Batch(inputs.to(device), labels.to(device), positions.to(device), info,
+                 supervised_rows(labels.numpy()).to(device))
 
 
 class SpecLoader:
@@ -228,7 +229,8 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
             times.append(time.perf_counter() - start)
             losses.append(stats["loss"])
             tokens += batch.info.total
-            flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info))
+            flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info),
+                                len(batch.supervised_rows))
         elapsed = sum(times)
         peak_mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
                     else None)
@@ -310,8 +312,9 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
                 max_causal=max_causal, peak_tflops=peak_tflops, overrides=list(overrides),
                 profile_steps=profile,
                 hrm=HRM_OVERRIDES, fa3=fa3_reason or "backward runs",
-                flops="3*2*T*N_head + sum over block calls m*(2*T*N_block + 4*Hq*D*pairs), "
-                      "m=3 with autograd, 1 without; pairs = sum p*p + c*p + c*(c+1)/2")
+                flops="3*2*R*N_head (R: supervised rows) + sum over block calls "
+                      "m*(2*T*N_block + 4*Hq*D*pairs), m=3 with autograd, 1 without; "
+                      "pairs = sum p*p + c*p + c*(c+1)/2")
     say(f"prefixlm bench train: preset {preset}, {capacity} tokens per GPU, {warmup} warm-up + "
         f"{steps} timed steps, compile={compile_}, {dist.world_size} x {meta['device']}",
         flush=True)

@@ -12,22 +12,34 @@ import torch.nn.functional as F
 __all__ = ["batch_stats", "MetricsLog", "peak_flops"]
 
 
-def batch_stats(logits: torch.Tensor, labels: torch.Tensor, info) -> dict[str, torch.Tensor]:
+def batch_stats(logits: torch.Tensor, labels: torch.Tensor, info,
+                rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Summed cross-entropy, token counts and exactly-right samples of one packed batch.
 
     Sums, not means: the trainer divides by the global supervised-token count. A sample is exact
     when every one of its supervised tokens is predicted (argmax) right; samples with no supervised
-    token are not counted. Stays on the device (no sync).
+    token are not counted. `logits` has a row per batch row, or with `rows` (int64 row indices)
+    one per listed row, which must then include every supervised row (the trainer checks the
+    count). Stays on the device (no sync).
     """
-    rows = labels.shape[0]
-    logits = logits[:rows].float()
+    capacity = labels.shape[0]
+    lengths = info.host_lens.sum(0)
+    sample_of = torch.repeat_interleave(torch.arange(info.slots), lengths)
+    sample_of = torch.cat([sample_of, torch.full((capacity - len(sample_of),), info.slots)])
+    if labels.is_cuda:
+        # Pinned and asynchronous: a plain copy from pageable memory would wait for the whole
+        # forward to finish before the backward is even queued.
+        sample_of = sample_of.pin_memory().to(labels.device, non_blocking=True)
+    else:
+        sample_of = sample_of.to(labels.device)
+    if rows is None:
+        logits = logits[:capacity]
+    else:
+        labels, sample_of = labels[rows], sample_of[rows]
+    logits = logits.float()
     supervised = labels != -100
     ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
     wrong = supervised & (logits.argmax(-1) != labels)
-    lengths = info.host_lens.sum(0)
-    sample_of = torch.repeat_interleave(torch.arange(info.slots), lengths)
-    sample_of = torch.cat([sample_of, torch.full((rows - len(sample_of),), info.slots)])
-    sample_of = sample_of.to(labels.device)
     per_sample = torch.zeros(info.slots + 1, 2, device=labels.device, dtype=torch.long)
     per_sample.index_add_(0, sample_of, torch.stack([supervised, wrong], 1).long())
     per_sample = per_sample[: info.slots]

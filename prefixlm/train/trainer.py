@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..model import PrefixLM
+from ..model.flops import step_flops
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
 from .distributed import Dist, all_reduce, reshard_all, shard_model
@@ -58,6 +59,11 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
     if not uses_bf16(cfg, device):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _head_rows(batch):
+    """The rows that need logits: the batch's supervised rows when its loader lists them."""
+    return getattr(batch, "supervised_rows", None)
 
 
 def attended_keys(info) -> int:
@@ -120,9 +126,10 @@ def evaluate(model, batches, cfg: TrainConfig, device: torch.device) -> dict:
     model.eval()
     totals = torch.zeros(len(_STAT_KEYS), device=device, dtype=torch.float64)
     for batch in batches:
+        head_rows = _head_rows(batch)
         with autocast_for(cfg, device):
-            logits = model(batch.inputs, batch.position_ids, batch.info)
-        stats = batch_stats(logits, batch.labels, batch.info)
+            logits = model(batch.inputs, batch.position_ids, batch.info, rows=head_rows)
+        stats = batch_stats(logits, batch.labels, batch.info, head_rows)
         totals += torch.stack([stats[k].double() for k in _STAT_KEYS])
     model.train()
     # FSDP2 keeps the root (and our blocks: reshard_after_forward=False) unsharded after a forward
@@ -201,19 +208,29 @@ class Trainer:
         global_tokens = all_reduce(local_tokens.to(torch.float32))
         scale = self.dist.world_size / global_tokens.clamp(min=1)
         totals = torch.zeros(len(_STAT_KEYS), device=self.device, dtype=torch.float64)
-        attended, rows = 0, 0
+        attended, rows, flops = 0, 0, 0.0
         for i, batch in enumerate(batches):
             if self.dist.distributed:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
+            head_rows = _head_rows(batch)
             with autocast_for(cfg, self.device):
-                logits = model(batch.inputs, batch.position_ids, batch.info)
-            stats = batch_stats(logits, batch.labels, batch.info)
+                logits = model(batch.inputs, batch.position_ids, batch.info, rows=head_rows)
+            stats = batch_stats(logits, batch.labels, batch.info, head_rows)
             (stats["ce_sum"] * scale).backward()
             totals += torch.stack([stats[k].detach().double() for k in _STAT_KEYS])
-            attended += attended_keys(batch.info)
+            pairs = attended_keys(batch.info)
+            attended += pairs
             rows += batch.info.total
+            flops += step_flops(cfg.model, batch.info.total, pairs,
+                                None if head_rows is None else len(head_rows))
         all_reduce(totals)
         values = dict(zip(_STAT_KEYS, totals.tolist()))  # the one host sync of the step
+        if int(values["tokens"]) != int(global_tokens.item()):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise ValueError(
+                f"the batches' supervised_rows list {int(values['tokens'])} supervised rows but "
+                f"their labels have {int(global_tokens.item())}: supervised_rows must hold every "
+                "row whose label is not -100 (or be None)")
         loss = values["ce_sum"] / max(values["tokens"], 1)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -239,7 +256,8 @@ class Trainer:
         samples = max(values["samples"], 1)
         return {"loss": loss, "token_acc": values["correct"] / max(values["tokens"], 1),
                 "exact_acc": values["exact"] / samples, "grad_norm": grad_norm,
-                "tokens": int(values["tokens"]), "rows": rows, "attended": attended}
+                "tokens": int(values["tokens"]), "rows": rows, "attended": attended,
+                "flops": flops}
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, progress=None, until: int | None = None) -> list[dict]:
@@ -266,8 +284,7 @@ class Trainer:
                 batches = [next(iterator) for _ in range(cfg.grad_accum)]
                 stats = self.train_step(batches)
                 window_rows += stats["rows"]
-                mean_attended = stats["attended"] / max(stats["rows"], 1)
-                window_flops += self.model.flops_per_token(mean_attended) * stats["rows"]
+                window_flops += stats["flops"]
                 record = {"kind": "train", "step": self.step, "loss": stats["loss"],
                           "token_acc": stats["token_acc"], "exact_acc": stats["exact_acc"],
                           "grad_norm": stats["grad_norm"], "lr": lr,

@@ -23,7 +23,8 @@ def _same(a, b):
     return (torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
             and torch.equal(a.position_ids, b.position_ids)
             and torch.equal(a.info.cu_seqlens, b.info.cu_seqlens)
-            and torch.equal(a.info.prefix_lens, b.info.prefix_lens))
+            and torch.equal(a.info.prefix_lens, b.info.prefix_lens)
+            and torch.equal(a.supervised_rows, b.supervised_rows))
 
 
 def test_labels_positions_and_boundaries_match_reference(tmp_path):
@@ -52,6 +53,7 @@ def test_labels_positions_and_boundaries_match_reference(tmp_path):
         assert (b.labels[total:] == -100).all() and (b.position_ids[total:] == 0).all()
         assert b.inputs.dtype == b.labels.dtype == b.position_ids.dtype == torch.int64
         assert b.inputs.shape == (160,)
+        assert b.supervised_rows.tolist() == torch.nonzero(b.labels != -100).flatten().tolist()
 
 
 def test_supervising_the_prefix_is_refused(tmp_path):

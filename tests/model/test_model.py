@@ -191,3 +191,14 @@ def test_qkv_views_have_16_byte_aligned_rows(monkeypatch):
     for block in model.all_blocks():
         grad = block.attn.qkvg.weight.grad
         assert grad.shape[0] == 136 and grad[132:].abs().max() == 0 and grad[:132].abs().max() > 0
+
+
+@pytest.mark.parametrize("arch", ["transformer", "hrm"])
+def test_logits_of_chosen_rows_equal_those_rows_of_all_logits(arch):
+    """Guards `forward(rows=...)`, which training uses to skip the LM head on unsupervised rows:
+    the chosen rows' logits, in the order given, are the full forward's rows."""
+    model = _model(arch=arch)
+    ids, pos, info = _batch(PREFIX, CAUSAL, CAPACITY)
+    rows = torch.tensor([0, 2, 3, 17, 40, 41, 55])
+    full = model(ids, pos, info)
+    torch.testing.assert_close(model(ids, pos, info, rows=rows), full[rows], rtol=0, atol=1e-12)

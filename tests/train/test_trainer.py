@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from prefixlm.data import PackedLoader, V1Dataset
+from prefixlm.data.loader import Batch, supervised_rows
+from prefixlm.model.flops import step_flops
 from prefixlm.train import checkpoint as ckpt
 from prefixlm.train.config import load_config
 from prefixlm.train.distributed import Dist
-from prefixlm.train.trainer import NonFiniteLossError, Trainer
+from prefixlm.train.synthetic import make_samples
+from prefixlm.train.trainer import NonFiniteLossError, Trainer, attended_keys
 from trainhelpers import VOCAB, ListLoader, encode, pack
 
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -125,8 +128,6 @@ class _ScriptedLoader(ListLoader):
 def test_all_zero_causal_batch_mid_run_trains_on(tmp_path):
     """Guards the seed's failure at step 2284: a batch in which every sample has causal_len == 0
     must give a finite loss and gradient, and training must continue after it."""
-    from prefixlm.train.synthetic import make_samples
-
     cfg = _cfg(tmp_path, "steps=8", "ckpt_every=0", "model.vocab_size=258")
     trainer = Trainer(cfg, CPU, _ScriptedLoader(encode(make_samples(300, 0)), 256, special_at=3))
     history = trainer.fit()
@@ -151,3 +152,79 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, prepared_dir)
         assert torch.equal(p, before[name]) or name == "lm_head.weight"
     assert torch.equal(trainer.model.lm_head.weight[1:], before["lm_head.weight"][1:])
     assert torch.equal(trainer.optimizer.state_dict()["state"][0]["exp_avg"], moments)
+
+
+
+def _with_supervised_rows(batch):
+    return Batch(*batch[:4], supervised_rows(batch.labels.numpy()))
+
+
+def test_logits_of_supervised_rows_only_train_exactly_like_all_rows(tmp_path):
+    """Guards the LM head running on the supervised rows only: the same batches with and without
+    `supervised_rows` give the same loss, accuracies and gradients (fp64), and the step's FLOPs
+    count the head on those rows alone."""
+    cfg = _cfg(tmp_path, "steps=1", "ckpt_every=0", "model.vocab_size=258", "grad_accum=2",
+               "ema_decay=0")
+    samples = encode(make_samples(40, 1))
+    batches = [pack(samples[:5], 256), pack(samples[5:9], 256)]
+    results = []
+    for chosen in (batches, [_with_supervised_rows(b) for b in batches]):
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, CPU, ListLoader(samples, 256))
+        trainer.model.double()
+        stats = trainer.train_step(chosen)
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                 if p.grad is not None}
+        results.append((stats, grads))
+    (full, full_grads), (some, some_grads) = results
+    for key in ("loss", "token_acc", "exact_acc", "grad_norm", "tokens"):
+        assert some[key] == pytest.approx(full[key], rel=1e-12, abs=1e-12), key
+    assert full_grads.keys() == some_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(some_grads[name], grad, rtol=1e-10, atol=1e-12)
+    head_rows = [int((b.labels != -100).sum()) for b in batches]
+    assert 0 < sum(head_rows) < sum(b.info.total for b in batches)
+    assert some["flops"] == pytest.approx(sum(
+        step_flops(cfg.model, b.info.total, attended_keys(b.info), rows)
+        for b, rows in zip(batches, head_rows)))
+    assert full["flops"] == pytest.approx(sum(
+        step_flops(cfg.model, b.info.total, attended_keys(b.info)) for b in batches))
+
+
+def test_supervised_rows_missing_a_supervised_row_is_an_error(tmp_path):
+    """Guards a loader whose supervised_rows leave out a labelled row: its loss would silently
+    drop that token; the step stops before the optimizer instead, naming the counts."""
+    cfg = _cfg(tmp_path, "steps=1", "ckpt_every=0", "model.vocab_size=258")
+    samples = encode(make_samples(10, 2))
+    batch = _with_supervised_rows(pack(samples[:5], 256))
+    short = Batch(*batch[:4], batch.supervised_rows[1:])
+    trainer = Trainer(cfg, CPU, ListLoader(samples, 256))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    n = len(batch.supervised_rows)
+    with pytest.raises(ValueError, match=f"list {n - 1} supervised rows but their labels have {n}"):
+        trainer.train_step([short])
+    assert all(torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
+
+
+def test_batch_stats_on_supervised_rows_equal_those_on_all_rows():
+    """Guards the per-sample bookkeeping of `batch_stats(rows=...)`: with logits that predict some
+    samples exactly, some in part and some not at all, the statistics from the supervised rows'
+    logits alone equal those from every row's (samples counted, exact ones, tokens, CE)."""
+    from prefixlm.train.metrics import batch_stats
+
+    batch = _with_supervised_rows(pack(encode(make_samples(12, 3))[:7], 256))
+    labels, rows = batch.labels, batch.supervised_rows
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(256, VOCAB, generator=gen, dtype=torch.float64)
+    sample_of = torch.repeat_interleave(torch.arange(batch.info.slots), batch.info.host_lens.sum(0))
+    exact_samples = {0, 2, 5}
+    for row in rows.tolist():
+        if sample_of[row].item() in exact_samples or row % 3 == 0:
+            logits[row, labels[row]] = 100.0  # right where forced; else right by chance only
+    full = batch_stats(logits, labels, batch.info)
+    some = batch_stats(logits[rows], labels, batch.info, rows)
+    assert int(full["exact"]) >= len(exact_samples) and int(full["samples"]) == 7
+    for key in ("tokens", "correct", "samples", "exact"):
+        assert int(some[key]) == int(full[key]), key
+    # batch_stats sums the CE in fp32; the two calls sum in different orders.
+    torch.testing.assert_close(some["ce_sum"], full["ce_sum"], rtol=1e-6, atol=0)
