@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .op import attention_op
-from .registry import resolve_backend
+from .registry import BACKENDS, resolve_backend
 from .seqinfo import SeqInfo
 
 
@@ -65,3 +65,11 @@ def prefixlm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: 
     out, _ = attention_op(q, k, v, info.cu_seqlens, info.prefix_lens, info.causal_lens,
                           info.host_lens, scale, module.NAME, deterministic)
     return out
+
+
+def prepare_attention(info: SeqInfo, rows: int, backend: str = "auto") -> None:
+    """Per-batch work that `backend` can do once before the layers run, outside compiled code
+    (Flex: its block mask); a no-op for the others. `rows`: the rows of q the layers will pass."""
+    prepare = getattr(BACKENDS.get(backend), "prepare", None)
+    if prepare is not None:
+        prepare(info, rows)

@@ -3,9 +3,11 @@
 The mask is attention-gym's composition: same sample AND (key in the sample's prefix OR
 key <= query), with padding rows in no sample (so they attend nothing and come out 0). The block
 mask is built from the device tensors of `SeqInfo` (no host sync, no `create_block_mask`: see
-`_block_mask`) once per `SeqInfo` and reused by every layer's forward and backward; FlexAttention's
-own autograd gives the backward. Outside `torch.compile` the call goes through a compiled
-FlexAttention on CUDA (eager Flex is a slow reference implementation); on CPU it runs eagerly.
+`_block_mask`) once per `SeqInfo` and reused by every layer's forward and backward (the model
+builds it before its layers, `prepare`; a caller that does not gets it built by the first call,
+inside its compiled graph if it has one); FlexAttention's own autograd gives the backward.
+Outside `torch.compile` the call goes through a compiled FlexAttention on CUDA (eager Flex is a
+slow reference implementation); on CPU it runs eagerly.
 """
 
 from __future__ import annotations
@@ -92,6 +94,14 @@ def _block_mask(info, rows: int, device):
 @functools.cache
 def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
+
+
+def prepare(info, rows: int) -> None:
+    """Build the batch's block mask now, outside compiled code: every compiled layer then reads
+    the same cached mask and traces to one graph (built inside the first layer, that layer's
+    graph differs from the rest and Flex's kernels compile twice)."""
+    if flex_attention is not None and info.slots:
+        info.cached(("flex_block_mask", rows), lambda: _block_mask(info, rows, info.device))
 
 
 def attention(q, k, v, info, softmax_scale, deterministic):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..attention import SeqInfo
+from ..attention import SeqInfo, prepare_attention
 from .config import ModelConfig
 from .flops import step_flops
 from .layers import Block, RMSNorm, rope_tables
@@ -70,6 +70,8 @@ class PrefixLM(nn.Module):
 
     def hidden_states(self, input_ids, position_ids, info: SeqInfo, cache=None) -> torch.Tensor:
         cfg = self.cfg
+        if cache is None:
+            prepare_attention(info, input_ids.shape[0], cfg.attention_backend)
         x = self.embed(input_ids)
         rope = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta)
         if cfg.arch == "transformer":

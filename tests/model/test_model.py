@@ -202,3 +202,25 @@ def test_logits_of_chosen_rows_equal_those_rows_of_all_logits(arch):
     rows = torch.tensor([0, 2, 3, 17, 40, 41, 55])
     full = model(ids, pos, info)
     torch.testing.assert_close(model(ids, pos, info, rows=rows), full[rows], rtol=0, atol=1e-12)
+
+
+def test_flex_blocks_compile_to_one_graph():
+    """Guards Flex's block mask being built before the blocks run: built inside the first compiled
+    block instead, that block traced to a graph of its own and Flex's kernels compiled twice (on
+    the H200 each compile of the L model's Flex graphs takes minutes). Forward only: Flex has no
+    CPU backward."""
+    from torch._dynamo.utils import counters
+
+    model = _model(backend="flex").float().requires_grad_(False)
+    ids, pos, info = _batch(PREFIX, CAUSAL, CAPACITY)
+    expected = model(ids, pos, info)
+    torch._dynamo.reset()
+    counters.clear()
+    for block in model.blocks:
+        block.compile(backend="aot_eager", dynamic=False)
+    for seed in (1, 2):
+        _, _, other = _batch(CAUSAL, PREFIX, CAPACITY, seed=seed)  # new batch, same capacity
+        model(ids, pos, other)
+    out = model(ids, pos, _batch(PREFIX, CAUSAL, CAPACITY)[2])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
