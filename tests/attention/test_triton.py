@@ -148,10 +148,10 @@ def _run_interpreted_checks():
 
 @pytest.fixture(scope="module")
 def interpreted():
+    # The child runs the kernels on CPU tensors through the interpreter: no GPU is shown to it
+    # (on GPU machines its Triton would otherwise also bring up the CUDA driver).
     env = dict(os.environ, TRITON_INTERPRET="1", PREFIXLM_TEST_SEED=str(SESSION_SEED),
-               OMP_NUM_THREADS=os.environ.get(
-        "OMP_NUM_THREADS", "2"))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpreted"],
                           capture_output=True, text=True, env=env, timeout=900)
     results = {}
