@@ -17,11 +17,11 @@ import sys
 
 from prefixlm.kernels.prefixlm_attention import BwdConfig, FwdConfig
 
-DEFAULT_FWD = "128,128,8,3,3,1,0"
-# dK/dV with 64 keys and 8 warps: half the accumulator registers of 128 keys (which spill).
-DEFAULT_BWD = ("128,64,8,3,128,64,8,3,0,1;64,64,8,3,128,64,8,3,0,1;64,128,8,3,128,64,8,3,0,1;"
-               "64,64,8,2,128,64,8,3,0,1")
-
+DEFAULT_FWD = "128,128,8,3,3,1,0;256,128,16,3,3,1,0;256,64,16,3,3,1,0"
+# 16 warps: half the accumulator registers per thread of 8 (the 8-warp dK/dV kernel spills; 64-key
+# tiles, which avoid that, measured 1.5-1.9x slower: BENCHMARKS.md), and 256-row query tiles.
+DEFAULT_BWD = ("128,64,8,3,128,64,8,3,0,1;128,64,16,3,128,64,8,3,0,1;128,128,16,2,128,64,8,3,0,1;"
+               "128,64,8,3,256,64,16,3,0,1")
 
 def parse_configs(text: str, kind):
     """'a,b,c;d,e,f' -> [kind(a, b, c), kind(d, e, f)], each field cast to the field's type."""
