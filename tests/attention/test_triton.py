@@ -277,8 +277,14 @@ def test_sweep_script_parses_configs():
     spec = importlib.util.spec_from_file_location("triton_sweep", path)
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
+    from prefixlm.kernels import prefixlm_attention as kernels
+
+    # The first config of each default list is the H200 table's entry (the others are compared
+    # with it), the rest parse to the kernel's NamedTuples.
+    key = (128, torch.bfloat16, (9, 0))
     fwd = sweep.parse_configs(sweep.DEFAULT_FWD, FwdConfig)
-    assert fwd == [FwdConfig(128, 128, 8, 3, 3, True, False)]
+    assert fwd[0] == kernels._FWD_CONFIGS[key] == FwdConfig(128, 128, 8, 3, 3, True, False)
+    assert sweep.parse_configs(sweep.DEFAULT_BWD, BwdConfig)[0] == kernels._BWD_CONFIGS[key]
     bwd = sweep.parse_configs("64,64,8,2,128,64,8,3,0,1; ", BwdConfig)
     assert bwd == [BwdConfig(64, 64, 8, 2, 128, 64, 8, 3, False, True)]
     assert bwd[0].atomic_dq is False and bwd[0].overlap_dq is True
