@@ -4,6 +4,12 @@ Used by `prefixlm bench train --profile N` to explain a throughput figure (issue
 is reported with a profile). On CUDA the categories sum the kernels' own device time; on the CPU,
 where there are no kernels, they sum the operators' self CPU time. Kernel names are matched, first
 pattern wins; the top kernels are kept verbatim so a misfiled name is visible in the JSON.
+
+On CUDA the profile also gives the GPU's timeline per step: `gpu_busy_ms` (time some kernel runs:
+the union of all kernels' intervals, any stream), `gpu_span_ms` (first kernel start to last kernel
+end), `gpu_idle_ms` (span - busy: the GPU waits, e.g. for the host) and `gpu_overlap_ms` (kernel
+time - busy: kernels running side by side on two streams). The profiler slows the host, so idle
+time here is an upper bound of the idle time of an unprofiled step.
 """
 
 from __future__ import annotations
@@ -32,6 +38,22 @@ def classify(name: str) -> str:
         if pattern.search(name):
             return category
     return "other"
+
+
+def busy_and_span(intervals) -> tuple[float, float]:
+    """(length of the union, last end - first start) of (start, end) intervals; (0, 0) if none."""
+    if not intervals:
+        return 0.0, 0.0
+    ordered = sorted(intervals)
+    busy, (start, end) = 0.0, ordered[0]
+    for s, e in ordered[1:]:
+        if s > end:  # a gap: close the current run of overlapping intervals
+            busy += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return busy, max(e for _, e in ordered) - ordered[0][0]
 
 
 def profile_steps(step, batches, device: torch.device, top: int = 12) -> dict:
@@ -63,13 +85,21 @@ def profile_steps(step, batches, device: torch.device, top: int = 12) -> dict:
         by_category[category] = by_category.get(category, 0.0) + us / 1e3 / n
     total = sum(by_category.values())
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
-    return dict(
+    record = dict(
         clock="device time of kernels" if cuda else "self CPU time of operators",
         steps=len(batches),
         ms_per_step=total,
         categories={k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
         top=[(name[:120], round(us / 1e3 / n, 3)) for name, us in ranked],
     )
+    if cuda:
+        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA]
+        busy, span = (us / 1e3 / n for us in busy_and_span(kernels))
+        record.update(gpu_busy_ms=round(busy, 3), gpu_span_ms=round(span, 3),
+                      gpu_idle_ms=round(span - busy, 3),
+                      gpu_overlap_ms=round(sum(e - s for s, e in kernels) / 1e3 / n - busy, 3))
+    return record
 
 
 def summary_line(profile: dict) -> str:
@@ -77,4 +107,9 @@ def summary_line(profile: dict) -> str:
     total = profile["ms_per_step"] or 1.0
     parts = [f"{name} {100 * ms / total:.0f}% ({ms:.1f} ms)"
              for name, ms in profile["categories"].items() if ms / total >= 0.01]
-    return f"{profile['clock']}, {total:.1f} ms/step: " + ", ".join(parts)
+    line = f"{profile['clock']}, {total:.1f} ms/step: " + ", ".join(parts)
+    if "gpu_busy_ms" in profile:
+        line += (f"; GPU busy {profile['gpu_busy_ms']:.1f} of {profile['gpu_span_ms']:.1f} ms "
+                 f"(idle {profile['gpu_idle_ms']:.1f}, kernels side by side "
+                 f"{profile['gpu_overlap_ms']:.1f})")
+    return line

@@ -218,10 +218,13 @@ def test_gpu_tools_smoke(tmp_path):
     peak memory) before the long H200 runs: a tiny preset, two steps."""
     out = tmp_path / "bench.json"
     assert cli_main(["bench", "train", *SMALL, "--steps", "2", "--warmup", "1",
-                     "--backends", "triton,flex", "--json", str(out)]) == 0
+                     "--backends", "triton,flex", "--profile", "1", "--json", str(out)]) == 0
     records = json.loads(out.read_text())["records"]
     assert all(r["error"] is None and r["peak_mem_gib"] > 0 for r in records), records
     assert all(r["vs_flex"] > 0 for r in records)
+    for r in records:  # the GPU timeline of the profiled step
+        prof = r["profile"]
+        assert 0 < prof["gpu_busy_ms"] <= prof["gpu_span_ms"] and prof["gpu_overlap_ms"] >= 0
     code = _script("seed_validation").main([
         "--backends", "triton", "--capacity", "4096", "--run-preset", "tiny",
         "--run-capacity", "4096", "--run-steps", "4", "--vocab", "512", "--compile",
@@ -229,6 +232,18 @@ def test_gpu_tools_smoke(tmp_path):
     assert code == 0
     assert _script("flex_first_steps").main(["--preset", "tiny", "--capacity", "4096",
                                              "--steps", "2"]) == 0
+
+
+def test_gpu_timeline_union_of_kernel_intervals():
+    """Guards the idle/overlap figures of `--profile`: kernels on two streams side by side count
+    once as busy time, gaps between them are idle, touching intervals leave no gap."""
+    from prefixlm.train.step_profile import busy_and_span
+
+    assert busy_and_span([]) == (0.0, 0.0)
+    # [0, 10) and [5, 12) overlap (busy 12), gap [12, 20), [20, 25) and [25, 30) touch.
+    intervals = [(20.0, 25.0), (0.0, 10.0), (25.0, 30.0), (5.0, 12.0), (6.0, 7.0)]
+    assert busy_and_span(intervals) == (22.0, 30.0)
+    assert busy_and_span([(3.0, 4.0)]) == (1.0, 1.0)
 
 
 def test_profile_categories_of_real_kernel_names():
