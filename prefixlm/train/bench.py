@@ -401,13 +401,18 @@ def _profile_table(records) -> str:
         for name, ms in r["profile"]["categories"].items():
             totals[name] = totals.get(name, 0.0) + ms
     names = sorted(totals, key=lambda n: -totals[n])
+    timeline = ("gpu_busy_ms", "gpu_idle_ms", "gpu_overlap_ms")
+    shown = [key for key in timeline if all(key in r["profile"] for r in profiled)]
     rows = ["", f"Profile ({profiled[0]['profile']['clock']}, ms per step):", "",
-            "| arch | backend | total | " + " | ".join(names) + " |",
-            "|---|---|---|" + "---|" * len(names)]
+            "| arch | backend | total | " + " | ".join(names)
+            + "".join(f" | GPU {key[4:-3]}" for key in shown) + " |",
+            "|---|---|---|" + "---|" * (len(names) + len(shown))]
     for r in profiled:
         cats = r["profile"]["categories"]
         rows.append(f"| {r['arch']} | {r['backend']} | {r['profile']['ms_per_step']:.1f} | "
-                    + " | ".join(f"{cats.get(n, 0.0):.1f}" for n in names) + " |")
+                    + " | ".join(f"{cats.get(n, 0.0):.1f}" for n in names)
+                    + "".join(f" | {r['profile'][key]:.1f}" for key in shown)
+                    + " |")
     return "\n".join(rows)
 
 
