@@ -154,8 +154,36 @@ def _warn(msg: str, rank: int):
         print(f"prefixlm: warning: {msg}", file=sys.stderr)
 
 
+# Checkpoints written before 2026-11-28 hold the fused q/k/v/gate projection without the rows that
+# now pad it to a multiple of 8 (`model.layers.Attention`): weights can be read (padded with zero
+# rows, which the model never reads), training state cannot (optimizer moments of the old shape).
+_QKVG = "attn.qkvg.weight"
+
+
+def _unpadded_qkvg(path: Path, state: dict) -> dict[tuple[str, str], torch.Size]:
+    """{(section, name): saved shape} of the qkvg weights in `state` that `path` holds unpadded."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    found = {}
+    for section, tensors in state.items():
+        if not isinstance(tensors, dict):
+            continue
+        for name, tensor in tensors.items():
+            meta = saved.get(f"{section}.{name}")
+            if (name.endswith(_QKVG) and meta is not None and len(meta.size) == 2
+                    and meta.size[0] < tensor.shape[0] and meta.size[1] == tensor.shape[1]):
+                found[(section, name)] = meta.size
+    return found
+
+
 def _load_one(path: Path, model, optimizer, ema: dict | None, rank: int) -> tuple[int, dict]:
     state = _train_state(model, optimizer, ema, 0)
+    old = _unpadded_qkvg(path, {"model": state["model"]})
+    if old:
+        (_, name), shape = next(iter(old.items()))
+        raise CheckpointError(
+            f"{path} was written before the q/k/v/gate projection was padded to a multiple of 8 "
+            f"rows ({name}: {shape[0]} saved, {state['model'][name].shape[0]} now): its weights "
+            "load in `prefixlm eval`, `generate` and `export`, but training cannot resume from it")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(path))
@@ -212,12 +240,19 @@ def load_model_weights(path: str | Path, model, use_ema: bool = True) -> bool:
     has_ema = any(key.startswith("ema.") for key in metadata.state_dict_metadata)
     if use_ema and has_ema:
         state["ema"] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    old = _unpadded_qkvg(path, state)
+    for (section, name), shape in old.items():  # read the saved rows; the padding rows stay 0
+        state[section][name] = state[section][name].new_zeros(shape)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(state, checkpoint_id=str(path), no_dist=True)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
+    for (section, name), shape in old.items():
+        padded = torch.zeros_like(model.get_parameter(name))
+        padded[:shape[0]] = state[section][name]
+        state[section][name] = padded
     model.load_state_dict(state["model"])
     if "ema" in state:
         with torch.no_grad():

@@ -228,3 +228,33 @@ def test_batch_stats_on_supervised_rows_equal_those_on_all_rows():
         assert int(some[key]) == int(full[key]), key
     # batch_stats sums the CE in fp32; the two calls sum in different orders.
     torch.testing.assert_close(some["ce_sum"], full["ce_sum"], rtol=1e-6, atol=0)
+
+
+def test_checkpoint_with_unpadded_qkvg_loads_weights_and_refuses_resume(tmp_path):
+    """Guards checkpoints written before the q/k/v/gate projection was padded to a multiple of 8
+    rows (tiny preset: 388 saved, 392 now): eval/generate/export read their weights (padding rows
+    0, outputs as before), a resume stops with the reason instead of a size mismatch."""
+    from prefixlm.model import PrefixLM, preset_config
+    from prefixlm.train.checkpoint import (CheckpointError, load_checkpoint, load_model_weights,
+                                           save_checkpoint)
+
+    cfg = preset_config("tiny", vocab_size=260)
+    torch.manual_seed(0)
+    old = PrefixLM(cfg)
+    used = sum(old.blocks[0].attn.split[:-1])
+    assert used < old.blocks[0].attn.qkvg.weight.shape[0]
+    for block in old.blocks:  # the old layout: only the used rows exist
+        block.attn.qkvg.weight = torch.nn.Parameter(block.attn.qkvg.weight.detach()[:used].clone())
+    optimizer = torch.optim.AdamW(old.parameters())
+    path = save_checkpoint(tmp_path, 3, old, optimizer, None, {}, rank=0)
+
+    new = PrefixLM(cfg)
+    assert load_model_weights(path, new, use_ema=False) is False
+    for before, after in zip(old.blocks, new.blocks):
+        torch.testing.assert_close(after.attn.qkvg.weight[:used], before.attn.qkvg.weight,
+                                   rtol=0, atol=0)
+        assert (after.attn.qkvg.weight[used:] == 0).all()
+    torch.testing.assert_close(new.embed.weight, old.embed.weight, rtol=0, atol=0)
+    fresh = PrefixLM(cfg)
+    with pytest.raises(CheckpointError, match="388 saved, 392 now.*cannot resume"):
+        load_checkpoint(path, fresh, torch.optim.AdamW(fresh.parameters()), None, rank=0)
