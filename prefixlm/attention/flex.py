@@ -107,12 +107,17 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _cached_block_mask(info, rows: int):
+    """The batch's block mask for `rows` query rows, built on first use and kept in `info`."""
+    return info.cached(("flex_block_mask", rows), lambda: _block_mask(info, rows, info.device))
+
+
 def prepare(info, rows: int) -> None:
     """Build the batch's block mask now, outside compiled code: every compiled layer then reads
     the same cached mask and traces to one graph (built inside the first layer, that layer's
     graph differs from the rest and Flex's kernels compile twice)."""
     if flex_attention is not None and info.slots:
-        info.cached(("flex_block_mask", rows), lambda: _block_mask(info, rows, info.device))
+        _cached_block_mask(info, rows)
 
 
 def attention(q, k, v, info, softmax_scale, deterministic):
@@ -123,7 +128,7 @@ def attention(q, k, v, info, softmax_scale, deterministic):
     kwargs = dict(scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
     # One block mask per SeqInfo and row count, shared by every layer's call. Under torch.compile
     # the cache fill is a traced side effect, so layers after the first reuse the traced mask.
-    block_mask = info.cached(("flex_block_mask", rows), lambda: _block_mask(info, rows, q.device))
+    block_mask = _cached_block_mask(info, rows)
     if torch.compiler.is_compiling():
         out = flex_attention(*args, block_mask=block_mask, **kwargs)
     elif q.is_cuda:
