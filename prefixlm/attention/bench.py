@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import prefixlm_attention
-from .mask import prefixlm_allowed
+from .mask import allowed_pairs, prefixlm_allowed
 from .seqinfo import BatchMeta, SeqInfo
 
 __all__ = ["CASES", "METHODS", "run_attention_bench", "register", "main"]
@@ -82,8 +82,7 @@ def case_lengths(case: BenchCase):
 
 
 def useful_flops(prefix, causal, q_heads: int, head_dim: int) -> float:
-    p, c = np.asarray(prefix, np.float64), np.asarray(causal, np.float64)
-    return 4.0 * float((p * p + c * p + c * (c + 1) / 2).sum()) * head_dim * q_heads
+    return 4.0 * float(allowed_pairs(prefix, causal).sum()) * head_dim * q_heads
 
 
 def time_ms(fn, iters: int, warmup: int = 3) -> float:

@@ -10,6 +10,7 @@ prefix tokens see exactly the whole prefix; a causal query sees the prefix and t
 to itself. Nothing crosses samples: callers combine this with "same sample".
 """
 
+import numpy as np
 import torch
 
 
@@ -22,3 +23,11 @@ def sample_mask(seqlen: int, prefix_len: int, device=None) -> torch.Tensor:
     """(seqlen, seqlen) mask of one sample: rows are queries, columns keys."""
     pos = torch.arange(seqlen, device=device)
     return prefixlm_allowed(pos[:, None], pos[None, :], prefix_len)
+
+
+def allowed_pairs(prefix_lens, causal_lens) -> np.ndarray:
+    """Per sample, the (query, key) pairs the mask allows, int64: p*p + c*p + c*(c+1)/2 (the
+    prefix block, the causal rows' view of the prefix, the causal triangle)."""
+    p = np.asarray(prefix_lens, dtype=np.int64)
+    c = np.asarray(causal_lens, dtype=np.int64)
+    return p * p + c * p + c * (c + 1) // 2

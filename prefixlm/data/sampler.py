@@ -24,14 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..attention.mask import allowed_pairs
+
 __all__ = ["attention_cost", "PackPlan", "MultipackSampler"]
 
 
-def attention_cost(prefix_lens, causal_lens) -> np.ndarray:
-    """Per-sample attention cost p^2 + c*p + c(c+1)/2 as int64."""
-    p = np.asarray(prefix_lens, dtype=np.int64)
-    c = np.asarray(causal_lens, dtype=np.int64)
-    return p * p + c * p + c * (c + 1) // 2
+# A sample's attention cost: the (query, key) pairs its mask allows, p^2 + c*p + c(c+1)/2 (int64).
+attention_cost = allowed_pairs
 
 
 @dataclass

@@ -617,11 +617,3 @@ def _exact_delta_of_short_samples(delta, q, k, v, dout, meta, softmax_scale):
         return
     exact = exact_delta(tiles, q, k, v, dout, softmax_scale)  # (R, Hq)
     delta.index_copy_(1, tiles.rows, exact.t())
-
-
-def flops(prefix_lens, causal_lens, num_heads: int, head_dim: int) -> float:
-    """Useful forward FLOPs of a batch (allowed (q, k) pairs only), per bench_spec.md."""
-    p = np.asarray(prefix_lens, np.float64)
-    c = np.asarray(causal_lens, np.float64)
-    pairs = float((p * p + c * p + c * (c + 1) / 2).sum())
-    return 4.0 * pairs * head_dim * num_heads

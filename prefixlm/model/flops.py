@@ -14,6 +14,8 @@ that run without gradient; N_block counts the matmul weights of one block.
 
 from __future__ import annotations
 
+from ..attention.mask import allowed_pairs
+
 
 def block_matrix_params(cfg) -> int:
     """Weights of one block's matmuls: fused q/k/v/gate, output, SwiGLU gate/up and down."""
@@ -29,6 +31,11 @@ def block_calls(cfg) -> tuple[int, int]:
     h_layers, l_layers = cfg.hrm_layers
     per_cycle = h_layers + cfg.L_cycles * l_layers
     return cfg.grad_cycles * per_cycle, (cfg.H_cycles - cfg.grad_cycles) * per_cycle
+
+
+def useful_pairs(info) -> int:
+    """Allowed (query, key) pairs of a batch (`SeqInfo`), summed over its samples."""
+    return int(allowed_pairs(*info.host_lens.numpy()).sum())
 
 
 def step_flops(cfg, tokens: int, pairs: int, head_rows: int | None = None) -> float:

@@ -43,11 +43,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from ..attention.bench import spec_lengths
-from ..model.flops import block_matrix_params, step_flops
+from ..model.flops import block_matrix_params, step_flops, useful_pairs
 from .distributed import all_reduce
 from .step_profile import profile_steps, summary_line
 
@@ -145,13 +144,6 @@ class SpecLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
-
-
-# -- FLOPs -----------------------------------------------------------------------------------------
-def useful_pairs(info) -> int:
-    """Allowed (query, key) pairs of a batch: sum of p*p + c*p + c*(c+1)/2 over its samples."""
-    prefix, causal = info.host_lens.numpy().astype(np.int64)
-    return int((prefix * prefix + causal * prefix + causal * (causal + 1) // 2).sum())
 
 
 # -- backends --------------------------------------------------------------------------------------

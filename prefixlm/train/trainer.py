@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..model import PrefixLM
-from ..model.flops import step_flops
+from ..model.flops import step_flops, useful_pairs
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
 from .distributed import Dist, all_reduce, reshard_all, shard_model
@@ -64,12 +64,6 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
 def _head_rows(batch):
     """The rows that need logits: the batch's supervised rows when its loader lists them."""
     return getattr(batch, "supervised_rows", None)
-
-
-def attended_keys(info) -> int:
-    """Query-key pairs the PrefixLM mask allows in a batch (for FLOP counting)."""
-    prefix, causal = info.host_lens.numpy()
-    return int((prefix * prefix + causal * prefix + causal * (causal + 1) // 2).sum())
 
 
 class EMA:
@@ -218,7 +212,7 @@ class Trainer:
             stats = batch_stats(logits, batch.labels, batch.info, head_rows)
             (stats["ce_sum"] * scale).backward()
             totals += torch.stack([stats[k].detach().double() for k in _STAT_KEYS])
-            pairs = attended_keys(batch.info)
+            pairs = useful_pairs(batch.info)
             attended += pairs
             rows += batch.info.total
             flops += step_flops(cfg.model, batch.info.total, pairs,

@@ -12,7 +12,8 @@ from prefixlm.train import checkpoint as ckpt
 from prefixlm.train.config import load_config
 from prefixlm.train.distributed import Dist
 from prefixlm.train.synthetic import make_samples
-from prefixlm.train.trainer import NonFiniteLossError, Trainer, attended_keys
+from prefixlm.model.flops import useful_pairs
+from prefixlm.train.trainer import NonFiniteLossError, Trainer
 from trainhelpers import VOCAB, ListLoader, encode, pack
 
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -185,10 +186,10 @@ def test_logits_of_supervised_rows_only_train_exactly_like_all_rows(tmp_path):
     head_rows = [int((b.labels != -100).sum()) for b in batches]
     assert 0 < sum(head_rows) < sum(b.info.total for b in batches)
     assert some["flops"] == pytest.approx(sum(
-        step_flops(cfg.model, b.info.total, attended_keys(b.info), rows)
+        step_flops(cfg.model, b.info.total, useful_pairs(b.info), rows)
         for b, rows in zip(batches, head_rows)))
     assert full["flops"] == pytest.approx(sum(
-        step_flops(cfg.model, b.info.total, attended_keys(b.info)) for b in batches))
+        step_flops(cfg.model, b.info.total, useful_pairs(b.info)) for b in batches))
 
 
 def test_supervised_rows_missing_a_supervised_row_is_an_error(tmp_path):
