@@ -160,9 +160,9 @@ def _warn(msg: str, rank: int):
 _QKVG = "attn.qkvg.weight"
 
 
-def _unpadded_qkvg(path: Path, state: dict) -> dict[tuple[str, str], torch.Size]:
-    """{(section, name): saved shape} of the qkvg weights in `state` that `path` holds unpadded."""
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+def _unpadded_qkvg(saved: dict, state: dict) -> dict[tuple[str, str], torch.Size]:
+    """{(section, name): saved shape} of the qkvg weights in `state` that a checkpoint, whose
+    metadata per key is `saved`, holds unpadded."""
     found = {}
     for section, tensors in state.items():
         if not isinstance(tensors, dict):
@@ -177,7 +177,8 @@ def _unpadded_qkvg(path: Path, state: dict) -> dict[tuple[str, str], torch.Size]
 
 def _load_one(path: Path, model, optimizer, ema: dict | None, rank: int) -> tuple[int, dict]:
     state = _train_state(model, optimizer, ema, 0)
-    old = _unpadded_qkvg(path, {"model": state["model"]})
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    old = _unpadded_qkvg(saved, {"model": state["model"]})
     if old:
         (_, name), shape = next(iter(old.items()))
         raise CheckpointError(
@@ -240,7 +241,7 @@ def load_model_weights(path: str | Path, model, use_ema: bool = True) -> bool:
     has_ema = any(key.startswith("ema.") for key in metadata.state_dict_metadata)
     if use_ema and has_ema:
         state["ema"] = {name: p.detach().clone() for name, p in model.named_parameters()}
-    old = _unpadded_qkvg(path, state)
+    old = _unpadded_qkvg(metadata.state_dict_metadata, state)
     for (section, name), shape in old.items():  # read the saved rows; the padding rows stay 0
         state[section][name] = state[section][name].new_zeros(shape)
     try:

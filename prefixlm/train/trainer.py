@@ -202,7 +202,7 @@ class Trainer:
         global_tokens = all_reduce(local_tokens.to(torch.float32))
         scale = self.dist.world_size / global_tokens.clamp(min=1)
         totals = torch.zeros(len(_STAT_KEYS), device=self.device, dtype=torch.float64)
-        attended, rows, flops = 0, 0, 0.0
+        rows, flops = 0, 0.0
         for i, batch in enumerate(batches):
             if self.dist.distributed:
                 model.set_requires_gradient_sync(i == len(batches) - 1)
@@ -212,10 +212,8 @@ class Trainer:
             stats = batch_stats(logits, batch.labels, batch.info, head_rows)
             (stats["ce_sum"] * scale).backward()
             totals += torch.stack([stats[k].detach().double() for k in _STAT_KEYS])
-            pairs = useful_pairs(batch.info)
-            attended += pairs
             rows += batch.info.total
-            flops += step_flops(cfg.model, batch.info.total, pairs,
+            flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info),
                                 None if head_rows is None else len(head_rows))
         all_reduce(totals)
         values = dict(zip(_STAT_KEYS, totals.tolist()))  # the one host sync of the step
@@ -250,8 +248,7 @@ class Trainer:
         samples = max(values["samples"], 1)
         return {"loss": loss, "token_acc": values["correct"] / max(values["tokens"], 1),
                 "exact_acc": values["exact"] / samples, "grad_norm": grad_norm,
-                "tokens": int(values["tokens"]), "rows": rows, "attended": attended,
-                "flops": flops}
+                "tokens": int(values["tokens"]), "rows": rows, "flops": flops}
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, progress=None, until: int | None = None) -> list[dict]:
