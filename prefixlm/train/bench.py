@@ -38,6 +38,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -192,9 +193,10 @@ def _reduce(values: list[float], op: str) -> list[float]:
 
 
 def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
-             profile: int = 0) -> dict:
+             profile: int = 0, trace: str | None = None) -> dict:
     """Warm-up then timed optimizer steps of one fresh Trainer, then `profile` profiled ones (not
-    timed: the profiler slows the host); the record's measured fields."""
+    timed: the profiler slows the host; their Chrome trace goes to `trace` if given); the
+    record's measured fields."""
     from .trainer import Trainer, release_memory
 
     device = dist.device
@@ -249,7 +251,7 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
         )
         if profile:
             record["profile"] = profile_steps(lambda b: trainer.train_step([b]),
-                                              batches[warmup + steps:], device)
+                                              batches[warmup + steps:], device, trace=trace)
         return record
     finally:
         trainer.close()
@@ -276,7 +278,8 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
                     vocab: int = 32768, seed: int = 1, zero_causal_frac: float = 0.0,
                     max_prefix: int = 2048, max_causal: int = 1024, device: str = "auto",
                     peak_tflops: float = PEAK_TFLOPS, overrides=(), json_path: str | None = None,
-                    command: str = "", profile: int = 0) -> list[dict]:
+                    command: str = "", profile: int = 0,
+                    trace_dir: str | None = None) -> list[dict]:
     """Benchmark every (arch, backend); prints records as they come and a table at the end; rank 0
     writes the JSON after every record (a run cut short keeps what it measured). Under torchrun,
     call it on every rank."""
@@ -286,6 +289,8 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
     if steps < 1 or warmup < 0 or profile < 0:
         raise ValueError(f"need steps >= 1, warmup >= 0 and profile >= 0, got steps={steps}, "
                          f"warmup={warmup}, profile={profile}")
+    if trace_dir and not profile:
+        raise ValueError("a trace records the profiled steps: give profile >= 1 with trace_dir")
     for arch in archs:
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
@@ -321,9 +326,14 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
                               list(overrides), run_dir)
                 if compile_:
                     torch._dynamo.reset()  # every backend compiles afresh, under the same limits
+                trace = None
+                if trace_dir:
+                    os.makedirs(trace_dir, exist_ok=True)
+                    trace = os.path.join(trace_dir,
+                                         f"{arch}_{backend}_rank{dist.rank}.json.gz")
                 try:
                     rec.update(_run_one(cfg, dist, loader_kwargs, steps, warmup,
-                                        peak_tflops * 1e12, profile))
+                                        peak_tflops * 1e12, profile, trace))
                 except Exception as exc:  # report and go on: one backend must not hide the rest
                     rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
                 # Out of the except block: its traceback no longer holds the failed run's tensors.
@@ -405,6 +415,16 @@ def _profile_table(records) -> str:
                     + " | ".join(f"{cats.get(n, 0.0):.1f}" for n in names)
                     + "".join(f" | {r['profile'][key]:.1f}" for key in shown)
                     + " |")
+    for r in profiled:
+        prof = r["profile"]
+        if prof.get("gaps"):
+            rows += ["", f"{r['arch']} / {r['backend']}: largest GPU idle gaps (ms per step, between "
+                     "the kernel before and the one after)"]
+            rows += [f"  {ms:7.3f} ms  {count:6.1f}x  {before}  ->  {after}"
+                     for before, after, count, ms in prof["gaps"]]
+        if prof.get("host_waits"):
+            rows.append("  host's blocking CUDA calls per step: " + ", ".join(
+                f"{name} {count:g}x {ms:.2f} ms" for name, (count, ms) in prof["host_waits"].items()))
     return "\n".join(rows)
 
 
@@ -437,6 +457,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile N more steps: device time per kernel "
                              "category (attention, matmul, ...) and the top kernels")
+    parser.add_argument("--trace", default=None, metavar="DIR",
+                        help="with --profile: write each run's Chrome trace of the profiled "
+                             "steps to DIR/ARCH_BACKEND_rankR.json.gz (chrome://tracing, Perfetto)")
 
 
 def main(args) -> int:
@@ -450,7 +473,7 @@ def main(args) -> int:
             zero_causal_frac=args.zero_causal_frac, max_prefix=args.max_prefix,
             max_causal=args.max_causal, device=args.device, peak_tflops=args.peak_tflops,
             overrides=args.overrides, json_path=args.json, command=" ".join(sys.argv),
-            profile=args.profile)
+            profile=args.profile, trace_dir=args.trace)
     finally:
         teardown()
     measured = [r for r in records if not r["error"]]

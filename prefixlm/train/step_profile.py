@@ -9,7 +9,10 @@ On CUDA the profile also gives the GPU's timeline per step: `gpu_busy_ms` (time 
 the union of all kernels' intervals, any stream), `gpu_span_ms` (first kernel start to last kernel
 end), `gpu_idle_ms` (span - busy: the GPU waits, e.g. for the host) and `gpu_overlap_ms` (kernel
 time - busy: kernels running side by side on two streams). The profiler slows the host, so idle
-time here is an upper bound of the idle time of an unprofiled step.
+time here is an upper bound of the idle time of an unprofiled step. To say where that idle time
+sits, `gaps` lists the largest idle stretches by the pair of kernels around them (the host work
+between those two launches is the suspect), and `host_waits` the host's CUDA calls that block
+(synchronize, malloc/free, blocking copies) with their count and host time per step.
 """
 
 from __future__ import annotations
@@ -56,8 +59,49 @@ def busy_and_span(intervals) -> tuple[float, float]:
     return busy, max(e for _, e in ordered) - ordered[0][0]
 
 
-def profile_steps(step, batches, device: torch.device, top: int = 12) -> dict:
-    """Run `step(batch)` for each batch under the profiler; per-step ms by category and top names."""
+def idle_gaps(kernels, min_gap: float = 0.0) -> list[tuple[float, str, str]]:
+    """(length, kernel before, kernel after) of every stretch longer than `min_gap` in which no
+    kernel of `kernels` ((start, end, name) on any stream) runs; "before" is the kernel that ended
+    last before the gap, "after" the first to start after it."""
+    found = []
+    ordered = sorted(kernels)
+    if not ordered:
+        return found
+    end, last = ordered[0][1], ordered[0][2]
+    for s, e, name in ordered[1:]:
+        if s - end > min_gap:
+            found.append((s - end, last, name))
+        if e > end:
+            end, last = e, name
+    return found
+
+
+# Host-side CUDA runtime calls that can stall the host until the GPU catches up (or are slow in
+# themselves); any of them in a steady training step is worth a look.
+_HOST_WAITS = re.compile(r"Synchronize|^cudaMalloc|^cudaFree|^cudaHostAlloc|^cudaMemcpy$|"
+                         r"^cuMemAlloc|^cuMemFree|^cudaStreamWaitEvent$")
+
+
+def _short(name: str, width: int = 60) -> str:
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def _gap_table(kernels, n: int, top: int) -> list[tuple[str, str, int, float]]:
+    """The `top` (before, after) kernel pairs with the most idle time between them: (before,
+    after, gaps per step, ms per step), from gaps of over 5 us (shorter ones are launch latency)."""
+    table: dict[tuple[str, str], list[float]] = {}
+    for gap, before, after in idle_gaps(kernels, min_gap=5.0):
+        entry = table.setdefault((_short(before), _short(after)), [0, 0.0])
+        entry[0] += 1
+        entry[1] += gap
+    ranked = sorted(table.items(), key=lambda kv: -kv[1][1])[:top]
+    return [(b, a, round(count / n, 1), round(us / 1e3 / n, 3)) for (b, a), (count, us) in ranked]
+
+
+def profile_steps(step, batches, device: torch.device, top: int = 12,
+                  trace: str | None = None) -> dict:
+    """Run `step(batch)` for each batch under the profiler; per-step ms by category and top names.
+    `trace`: a path to write the Chrome trace to (gzipped when it ends in .gz)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -68,6 +112,8 @@ def profile_steps(step, batches, device: torch.device, top: int = 12) -> dict:
             step(batch)
         if cuda:
             torch.cuda.synchronize(device)
+    if trace:
+        prof.export_chrome_trace(trace)
     per_name: dict[str, float] = {}
     for event in prof.key_averages():
         if cuda:
@@ -93,12 +139,22 @@ def profile_steps(step, batches, device: torch.device, top: int = 12) -> dict:
         top=[(name[:120], round(us / 1e3 / n, 3)) for name, us in ranked],
     )
     if cuda:
-        kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+        events = prof.events()
+        kernels = [(e.time_range.start, e.time_range.end, e.name) for e in events
                    if e.device_type == DeviceType.CUDA]
-        busy, span = (us / 1e3 / n for us in busy_and_span(kernels))
+        busy, span = (us / 1e3 / n for us in busy_and_span([k[:2] for k in kernels]))
+        waits: dict[str, list[float]] = {}
+        for e in events:
+            if e.device_type == DeviceType.CPU and _HOST_WAITS.search(e.name):
+                entry = waits.setdefault(e.name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += e.time_range.end - e.time_range.start
+        record.update(gaps=_gap_table(kernels, n, top), host_waits={
+            name: (round(count / n, 1), round(us / 1e3 / n, 3))
+            for name, (count, us) in sorted(waits.items(), key=lambda kv: -kv[1][1])})
         record.update(gpu_busy_ms=round(busy, 3), gpu_span_ms=round(span, 3),
                       gpu_idle_ms=round(span - busy, 3),
-                      gpu_overlap_ms=round(sum(e - s for s, e in kernels) / 1e3 / n - busy, 3))
+                      gpu_overlap_ms=round(sum(e - s for s, e, _ in kernels) / 1e3 / n - busy, 3))
     return record
 
 

@@ -246,6 +246,19 @@ def test_gpu_timeline_union_of_kernel_intervals():
     assert busy_and_span([(3.0, 4.0)]) == (1.0, 1.0)
 
 
+def test_idle_gaps_name_the_kernels_around_them():
+    """The gap list of `--profile`: a gap is bounded by the kernel that ended last (not the one
+    that started last) and the next to start; overlaps and short gaps are no gaps."""
+    from prefixlm.train.step_profile import idle_gaps
+
+    assert idle_gaps([]) == []
+    kernels = [(0.0, 10.0, "long"), (2.0, 4.0, "short"), (30.0, 31.0, "next"),
+               (31.0, 40.0, "touching"), (41.0, 42.0, "close"), (50.0, 51.0, "after")]
+    assert idle_gaps(kernels) == [(20.0, "long", "next"), (1.0, "touching", "close"),
+                                  (8.0, "close", "after")]
+    assert idle_gaps(kernels, min_gap=5.0) == [(20.0, "long", "next"), (8.0, "close", "after")]
+
+
 def test_profile_categories_of_real_kernel_names():
     """Names as they appear in H200 profiles; attention must win over the "cutlass" in fmha names."""
     from prefixlm.train.step_profile import classify
