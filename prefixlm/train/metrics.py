@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,9 +24,13 @@ def batch_stats(logits: torch.Tensor, labels: torch.Tensor, info,
     count). Stays on the device (no sync).
     """
     capacity = labels.shape[0]
-    lengths = info.host_lens.sum(0)
-    sample_of = torch.repeat_interleave(torch.arange(info.slots), lengths)
-    sample_of = torch.cat([sample_of, torch.full((capacity - len(sample_of),), info.slots)])
+    # Row -> sample map, padding rows -> `slots`. Built with numpy: torch's CPU ops on these small
+    # host tensors wake the intra-op thread pool, which on a GPU box held the host 4-17 ms per
+    # step while the GPU waited (H200 trace, BENCHMARKS.md).
+    lens = info.host_lens.numpy()
+    sample_of = np.full(capacity, info.slots, dtype=np.int64)
+    sample_of[:info.total] = np.repeat(np.arange(info.slots), lens[0] + lens[1])
+    sample_of = torch.from_numpy(sample_of)
     if labels.is_cuda:
         # Pinned and asynchronous: a plain copy from pageable memory would wait for the whole
         # forward to finish before the backward is even queued.

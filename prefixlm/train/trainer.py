@@ -66,6 +66,11 @@ def _head_rows(batch):
     return getattr(batch, "supervised_rows", None)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (a DTensor), sharing its storage; else `t`."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
     """Exponential moving average of the parameters in fp32 (local shards under FSDP2).
 
@@ -80,9 +85,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model, step: int):
         decay = min(self.decay, (1 + step) / (10 + step))
-        params = [p.detach().float() if p.dtype != torch.float32 else p.detach()
-                  for p in model.parameters()]
-        torch._foreach_lerp_([self.shadow[n] for n in self.names], params, 1 - decay)
+        # On the local shards: a foreach op over DTensors goes through DTensor's Python dispatch
+        # (4.5 ms of host time per step on the L model over 2 GPUs, while the GPU idled).
+        params = [_local(p.detach()).float() for p in model.parameters()]
+        torch._foreach_lerp_([_local(self.shadow[n]) for n in self.names], params, 1 - decay)
 
     @contextlib.contextmanager
     def swapped_in(self, model):
@@ -156,7 +162,7 @@ class Trainer:
                 block.compile(dynamic=False)
         if dist.distributed:
             bf16 = self.device.type == "cuda" and uses_bf16(cfg, self.device)
-            shard_model(model, dist, bf16_blocks=bf16)
+            shard_model(model, dist, bf16_blocks=bf16, blocks_per_unit=cfg.fsdp_blocks_per_unit)
         self.model = model
         self.optimizer = build_optimizer(model, cfg, self.device)
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -216,7 +222,14 @@ class Trainer:
             flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info),
                                 None if head_rows is None else len(head_rows))
         all_reduce(totals)
-        values = dict(zip(_STAT_KEYS, totals.tolist()))  # the one host sync of the step
+        # The norm is queued before the host reads anything, so one sync serves the statistics
+        # and the norm, and the GPU does not wait for the host to launch the clip between them.
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        *sums, grad_norm = torch.cat([totals, grad_norm.to(totals).reshape(1)]).tolist()
+        values = dict(zip(_STAT_KEYS, sums))  # the one host sync of the step
         if int(values["tokens"]) != int(global_tokens.item()):
             self.optimizer.zero_grad(set_to_none=True)
             raise ValueError(
@@ -230,11 +243,6 @@ class Trainer:
                 f"loss is {loss} at step {self.step + 1}; stopped before the optimizer step "
                 f"(the last checkpoint is {self.last_checkpoint or 'none'}). Lower lr or check "
                 "the data of this step.")
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
