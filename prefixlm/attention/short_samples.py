@@ -18,6 +18,7 @@ gradient rows depend on that sample alone, so overwriting them is exact.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -42,25 +43,36 @@ class ShortSampleTiles(NamedTuple):
 
 def short_sample_tiles(meta, like: torch.Tensor) -> ShortSampleTiles | None:
     """Tiles of the samples of 1..SHORT_SAMPLE tokens, on `like`'s device. None when there are
-    none, decided from the host lengths before `like` is touched (no device work, no sync)."""
+    none, decided from the host lengths before `like` is touched (no device work, no sync).
+    Every layer of a step asks for the same batch's tiles: they are built once and cached."""
     lens = meta.prefix_host + meta.causal_host
-    short = np.flatnonzero((lens > 0) & (lens <= SHORT_SAMPLE))
-    if len(short) == 0:
+    if not np.any((lens > 0) & (lens <= SHORT_SAMPLE)):
         return None
-    lens, prefix = lens[short], meta.prefix_host[short]
+    prefix = np.ascontiguousarray(meta.prefix_host, dtype=np.int64)
+    return _cached_tiles(prefix.tobytes(), np.ascontiguousarray(lens, dtype=np.int64).tobytes(),
+                         like.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tiles(prefix_bytes: bytes, lens_bytes: bytes, device: torch.device) -> ShortSampleTiles:
+    prefix_all, lens_all = np.frombuffer(prefix_bytes, np.int64), np.frombuffer(lens_bytes, np.int64)
+    starts_all = np.cumsum(lens_all) - lens_all
+    short = np.flatnonzero((lens_all > 0) & (lens_all <= SHORT_SAMPLE))
+    lens, prefix = lens_all[short], prefix_all[short]
     width = int(lens.max())
     pos = np.arange(width)
-    gather = meta.starts_host[short, None] + np.minimum(pos[None, :], lens[:, None] - 1)
+    gather = starts_all[short, None] + np.minimum(pos[None, :], lens[:, None] - 1)
     valid = pos[None, :] < lens[:, None]
     # Row indices are built on the host (selecting them with a device mask would sync) and copied
     # at once, pinned and asynchronously; the (B, L, L) mask is built on the device from the
     # lengths, so the copy is O(B L), not O(B L^2).
     rows, flat = gather[valid], np.flatnonzero(valid)
     host = torch.from_numpy(np.concatenate([gather.ravel(), rows, flat, lens, prefix]))
-    dev = (host.pin_memory() if like.is_cuda else host).to(like.device, non_blocking=True)
+    cuda = device.type == "cuda"
+    dev = (host.pin_memory() if cuda else host).to(device, non_blocking=True)
     gather_t, rows_t, flat_t, lens_t, prefix_t = dev.split(
         (gather.size, rows.size, flat.size, len(short), len(short)))
-    pos_t = torch.arange(width, device=like.device)
+    pos_t = torch.arange(width, device=device)
     valid_t = pos_t[None, :] < lens_t[:, None]
     allowed = (prefixlm_allowed(pos_t[:, None], pos_t[None, :], prefix_t[:, None, None])
                & valid_t[:, None, :])

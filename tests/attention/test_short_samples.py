@@ -141,6 +141,24 @@ def test_tiles_hold_each_short_sample_with_its_mask():
         assert not tiles.allowed[b, :, n:].any()
 
 
+def test_tiles_built_once_per_batch_lengths():
+    """Guards the per-step host cost: every layer's call on one batch gets the same tiles (built
+    once), a batch with other lengths gets its own, and equal lengths in a new SeqInfo hit."""
+    rng = np.random.default_rng(SESSION_SEED + 2)
+    prefix, causal = _mixed_lengths(rng)
+    capacity = sum(prefix) + sum(causal) + 3
+    like = torch.zeros(1)
+    first = short_sample_tiles(BatchMeta.from_info(SeqInfo.from_lengths(prefix, causal,
+                                                                        capacity=capacity)), like)
+    again = short_sample_tiles(BatchMeta.from_info(SeqInfo.from_lengths(prefix, causal,
+                                                                        capacity=capacity)), like)
+    assert again is first
+    moved = short_sample_tiles(BatchMeta.from_info(SeqInfo.from_lengths(
+        [1] + list(prefix), [0] + list(causal), capacity=capacity + 1)), like)
+    assert moved is not first
+    assert torch.equal(moved.rows[1:], first.rows + 1) and moved.rows[0] == 0
+
+
 @pytest.mark.parametrize("dtype,heads", ((torch.float32, (2, 2)), (torch.float16, (6, 2)),
                                          (torch.bfloat16, (4, 1))), ids=("fp32", "fp16", "bf16"))
 def test_triton_exact_delta_matches_fp64(dtype, heads):
