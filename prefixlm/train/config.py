@@ -59,9 +59,14 @@ class TrainConfig:
     # CPU threads per process. 0: one thread for small models on CPU (their matmuls are too small to
     # split, and spinning OpenMP threads slow down badly on a busy machine), else torch's default.
     max_threads: int = 0
+    # FSDP2 (torchrun): consecutive blocks per sharding unit. Each unit costs the host a pre-forward
+    # hook and a collective launch per forward; with 1 the L model's 2-GPU forward waited on the
+    # host (BENCHMARKS.md), larger units gather more at once.
+    fsdp_blocks_per_unit: int = 1
 
     def validate(self) -> "TrainConfig":
-        positive = ("capacity", "grad_accum", "steps", "log_every", "context_size")
+        positive = ("capacity", "grad_accum", "steps", "log_every", "context_size",
+                    "fsdp_blocks_per_unit")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -104,8 +104,9 @@ def reshard_all(model) -> None:
             module.reshard()
 
 
-def shard_model(model, dist: Dist, bf16_blocks: bool = False):
-    """FSDP2: one unit per block, then the root (embedding, final norm, LM head).
+def shard_model(model, dist: Dist, bf16_blocks: bool = False, blocks_per_unit: int = 1):
+    """FSDP2: one unit per `blocks_per_unit` consecutive blocks, then the root (embedding, final
+    norm, LM head).
 
     Blocks stay gathered from forward to backward (reshard_after_forward=False): the backward
     needs no second all-gather, and HRM, which calls each block several times per step, gathers
@@ -119,7 +120,10 @@ def shard_model(model, dist: Dist, bf16_blocks: bool = False):
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                    cast_forward_inputs=False)
               if bf16_blocks else MixedPrecisionPolicy())
-    for block in model.all_blocks():
-        fully_shard(block, reshard_after_forward=False, mp_policy=policy)
+    blocks = model.all_blocks()
+    for first in range(0, len(blocks), blocks_per_unit):
+        unit = blocks[first:first + blocks_per_unit]
+        fully_shard(unit if len(unit) > 1 else unit[0], reshard_after_forward=False,
+                    mp_policy=policy)
     fully_shard(model)
     return model

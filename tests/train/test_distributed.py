@@ -24,16 +24,17 @@ def _torchrun(args, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
-@pytest.mark.parametrize("arch", ["transformer", "hrm"])
-def test_fsdp2_gloo_matches_single_process(tmp_path, arch):
+@pytest.mark.parametrize("arch,per_unit", [("transformer", 1), ("hrm", 1), ("hrm", 3)])
+def test_fsdp2_gloo_matches_single_process(tmp_path, arch, per_unit):
     """Guards the loss normalisation and sharding under torchrun: 2 FSDP2 ranks (one micro-batch
     each) give the losses and final weights of 1 process accumulating the same 2 micro-batches,
     and the sharded DCP checkpoint loads in a single process. HRM calls every FSDP unit several
-    times per forward, partly without autograd."""
+    times per forward, partly without autograd; with 3 blocks per unit its H and L blocks share
+    a unit."""
     sys.path.insert(0, str(HERE))
     from dist_worker import DIST_CONFIG, run
 
-    extra = [f"model.arch={arch}"]
+    extra = [f"model.arch={arch}", f"fsdp_blocks_per_unit={per_unit}"]
     single = run(str(tmp_path / "single.json"), str(tmp_path / "single"), 2, dist=CPU,
                  extra=extra)
     done = _torchrun([str(HERE / "dist_worker.py"), str(tmp_path / "dist.json"),
@@ -48,6 +49,10 @@ def test_fsdp2_gloo_matches_single_process(tmp_path, arch):
     load_model_weights(tmp_path / "dist" / "checkpoints" / "step_00000004", model, use_ema=False)
     for (name, a), b in zip(single.model.named_parameters(), model.parameters()):
         torch.testing.assert_close(b, a.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    # The EMA, which the ranks update on their local shards.
+    load_model_weights(tmp_path / "dist" / "checkpoints" / "step_00000004", model, use_ema=True)
+    for name, b in model.named_parameters():
+        torch.testing.assert_close(b, single.ema.shadow[name], rtol=1e-4, atol=1e-5, msg=name)
     assert "model.layers=2" in DIST_CONFIG
 
 
@@ -80,3 +85,27 @@ def test_collectives_of_cpu_tensors_go_through_the_gpu_under_nccl(monkeypatch):
     assert distributed.collective_device(torch.zeros(1)) == torch.device("cuda", 1)
     monkeypatch.setattr(torch_dist, "get_backend", lambda *a: "gloo")
     assert distributed.collective_device(torch.zeros(1)) == torch.device("cpu")
+
+
+def test_fsdp_units_group_consecutive_blocks():
+    """Guards `fsdp_blocks_per_unit`: 5 blocks at 2 per unit give the units {0,1} {2,3} {4} (one
+    parameter group each: one all-gather per unit), at 1 per unit five. FSDP2 keeps a unit's
+    parameter group on each of its modules' state (private attribute, read only here)."""
+    import dataclasses
+
+    import torch.distributed as torch_dist
+
+    from prefixlm.model.config import preset_config
+    from prefixlm.train.distributed import shard_model
+
+    cfg = dataclasses.replace(preset_config("tiny"), vocab_size=64, layers=5)
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        for per_unit, expected in ((2, [0, 0, 1, 1, 2]), (1, [0, 1, 2, 3, 4])):
+            model = shard_model(PrefixLM(cfg), CPU, blocks_per_unit=per_unit)
+            groups = [id(block._get_fsdp_state()._fsdp_param_group)
+                      for block in model.all_blocks()]
+            units = list(dict.fromkeys(groups))  # distinct groups in block order
+            assert [units.index(g) for g in groups] == expected, per_unit
+    finally:
+        torch_dist.destroy_process_group()
