@@ -60,9 +60,9 @@ class TrainConfig:
     # split, and spinning OpenMP threads slow down badly on a busy machine), else torch's default.
     max_threads: int = 0
     # FSDP2 (torchrun): consecutive blocks per sharding unit. Each unit costs the host a pre-forward
-    # hook and a collective launch per forward; with 1 the L model's 2-GPU forward waited on the
-    # host (BENCHMARKS.md), larger units gather more at once.
-    fsdp_blocks_per_unit: int = 1
+    # hook and collective launches; with one block per unit the L model's 2-GPU forward waited on
+    # the host (0.82x one GPU's tokens/s per GPU, 6 blocks: 0.93x; BENCHMARKS.md).
+    fsdp_blocks_per_unit: int = 6
 
     def validate(self) -> "TrainConfig":
         positive = ("capacity", "grad_accum", "steps", "log_every", "context_size",

@@ -1,8 +1,9 @@
 """Process group setup under torchrun and FSDP2 sharding.
 
 Under `torchrun` (WORLD_SIZE > 1) every rank joins one process group: NCCL when the run uses CUDA,
-gloo on CPU. Each block is its own FSDP2 unit (`fully_shard`) and the root module gathers the rest,
-so parameters are sharded across ranks and gathered one block at a time.
+gloo on CPU. Every few consecutive blocks form an FSDP2 unit (`fully_shard`, `blocks_per_unit`)
+and the root module gathers the rest, so parameters are sharded across ranks and gathered one unit
+at a time.
 """
 
 from __future__ import annotations
