@@ -79,7 +79,7 @@ def idle_gaps(kernels, min_gap: float = 0.0) -> list[tuple[float, str, str]]:
 # Host-side CUDA runtime calls that can stall the host until the GPU catches up (or are slow in
 # themselves); any of them in a steady training step is worth a look.
 _HOST_WAITS = re.compile(r"Synchronize|^cudaMalloc|^cudaFree|^cudaHostAlloc|^cudaMemcpy$|"
-                         r"^cuMemAlloc|^cuMemFree|^cudaStreamWaitEvent$")
+                         r"^cuMemAlloc|^cuMemFree")
 
 
 def _short(name: str, width: int = 60) -> str:
