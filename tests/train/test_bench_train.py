@@ -259,6 +259,20 @@ def test_idle_gaps_name_the_kernels_around_them():
     assert idle_gaps(kernels, min_gap=5.0) == [(20.0, "long", "next"), (8.0, "close", "after")]
 
 
+def test_annotation_ranges_are_not_kernel_time():
+    """The optimizer's record_function range shows up as a CUDA event spanning its kernels;
+    counted as a kernel it doubled the optimizer's time in every profile before this guard."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from prefixlm.train.step_profile import is_kernel
+
+    assert is_kernel(SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=False))
+    assert not is_kernel(SimpleNamespace(device_type=DeviceType.CUDA, is_user_annotation=True))
+    assert not is_kernel(SimpleNamespace(device_type=DeviceType.CPU, is_user_annotation=False))
+
+
 def test_profile_categories_of_real_kernel_names():
     """Names as they appear in H200 profiles; attention must win over the "cutlass" in fmha names."""
     from prefixlm.train.step_profile import classify
