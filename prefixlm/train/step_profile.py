@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 
 import torch
+from torch.autograd import DeviceType
 
 # Order matters: attention kernels also contain "cutlass" / "gemm"-like words (fmha_cutlassF).
 CATEGORIES = (
@@ -102,8 +103,6 @@ def is_kernel(event) -> bool:
     """A device-side profiler event that is work on the GPU (kernel, copy, memset), not a user
     annotation's range (e.g. "Optimizer.step#AdamW.step" spans the optimizer's kernels, and
     counting it too would count them twice: 4.7 ms per L step in the profiles up to 2026-11-28)."""
-    from torch.autograd import DeviceType
-
     return (event.device_type == DeviceType.CUDA
             and not getattr(event, "is_user_annotation", False))
 
@@ -112,7 +111,6 @@ def profile_steps(step, batches, device: torch.device, top: int = 12,
                   trace: str | None = None) -> dict:
     """Run `step(batch)` for each batch under the profiler; per-step ms by category and top names.
     `trace`: a path to write the Chrome trace to (gzipped when it ends in .gz)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
