@@ -2,7 +2,7 @@
 
 Each backend gets a fresh `Trainer` (same config and seed, so the same initial weights) driven by
 its own `fit()` loop (warm-up + cosine LR, clip, AdamW) over the batches of `prefixlm bench train`
-(bench_spec.md's length distribution, learnable random-id data; `prefixlm.train.bench.SpecLoader`).
+(bench_spec.md's length distribution, learnable random-id data; `prefixlm.bench.spec.SpecLoader`).
 The per-step losses go to JSON, both curves to a PNG (when matplotlib is installed), and the curves
 are compared by this rule, with r_t = |loss_a(t) - loss_b(t)| / |loss_b(t)|, b the second backend:
 
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's prefixlm
 
-from prefixlm.train.bench import SpecLoader  # noqa: E402
+from prefixlm.bench.spec import SpecLoader  # noqa: E402
 from prefixlm.train.config import load_config  # noqa: E402
 from prefixlm.train.distributed import setup  # noqa: E402
 from prefixlm.train.trainer import Trainer, release_memory  # noqa: E402
@@ -53,7 +53,7 @@ def train_losses(backend: str, args) -> dict:
              f"steps={args.steps}", f"compile={str(not args.no_compile).lower()}",
              f"device={args.device}", "lr=6e-4", "warmup_steps=20", "ema_decay=0",
              "progress=false", "tensorboard=false", "ckpt_every=0", f"run_dir={run_dir}",
-             *args.overrides, f"model.attention_backend={backend}"]
+             *args.overrides, f"attention_backend={backend}"]
     cfg = load_config(None, items)
     dist = setup(cfg.device)
     loader = SpecLoader(cfg.capacity, cfg.model.vocab_size, seed=args.seed, device=dist.device,

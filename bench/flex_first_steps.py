@@ -5,8 +5,8 @@ batches) and prints each step's wall time and, after the first, `torch._dynamo`'
 The block mask of each batch is built before the step, outside the compiled blocks, by
 
   * `--mask intervals` (default): the Flex backend's own builder (per-row key intervals, tensor ops);
-  * `--mask create_block_mask`: `create_block_mask(..., _compile=True)` over the same mask_mod, as
-    the backend did before; its Inductor compile took 202.5 s at 16384 rows on the H200 (torch 2.11).
+  * `--mask create_block_mask`: `create_block_mask(..., _compile=True)` over the same mask_mod
+    (its compile time is what this script measures; BENCHMARKS.md, "Flex").
 
     python bench/flex_first_steps.py [--mask intervals|create_block_mask] [--steps 6] [--preset L]
 """
@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's prefixlm
 
-from prefixlm.attention import flex  # noqa: E402
-from prefixlm.train.bench import SpecLoader, _config  # noqa: E402
+from prefixlm.attention.backends import flex  # noqa: E402
+from prefixlm.bench.spec import SpecLoader  # noqa: E402
+from prefixlm.bench.train import bench_config  # noqa: E402
 from prefixlm.train.distributed import setup  # noqa: E402
 from prefixlm.train.trainer import Trainer  # noqa: E402
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     def say(*parts):
         print(f"[{time.perf_counter() - start:7.1f} s]", *parts, flush=True)
 
-    cfg = _config(args.preset, args.capacity, 32768, True, "cuda", "transformer", "flex", [],
+    cfg = bench_config(args.preset, args.capacity, 32768, True, "cuda", "transformer", "flex", [],
                   tempfile.mkdtemp(prefix="prefixlm-flex-first-steps-"))
     dist = setup("cuda")
     loader = SpecLoader(cfg.capacity, cfg.model.vocab_size, device=dist.device)

@@ -14,20 +14,11 @@ import time
 import torch
 
 from prefixlm.attention.seqinfo import BatchMeta, SeqInfo
+from prefixlm.bench.spec import spec_lengths
 
 
 def spec_case_a():
-    g = torch.Generator().manual_seed(1)
-    prefix, causal, total = [], [], 0
-    while True:
-        p = int(torch.randint(16, 2049, (1,), generator=g))
-        c = int(torch.randint(1, 1025, (1,), generator=g))
-        torch.rand(1, generator=g)
-        if total + p + c > 65536:
-            return SeqInfo.from_lengths(prefix, causal, capacity=65536)
-        prefix.append(p)
-        causal.append(c)
-        total += p + c
+    return SeqInfo.from_lengths(*spec_lengths(65536), capacity=65536)
 
 
 def per_call_us(fn, calls=200):
@@ -43,7 +34,7 @@ def main():
     meta = BatchMeta.from_info(info)
     rows = [("BatchMeta.from_op_args", per_call_us(lambda: BatchMeta.from_info(info)))]
     try:
-        from prefixlm.kernels import prefixlm_attention as kernels
+        from prefixlm.attention.backends import triton_kernels as kernels
     except ImportError:
         kernels = None
     if kernels is not None:

@@ -14,7 +14,7 @@ runs):
   zero_causal_kv_grad  on a batch mixing zero-causal samples (bench_spec.md case E by default:
                        65536 rows, 12/12 heads, D 128, zero_causal_frac 0.3, seed 1), the dK and dV
                        rows of the zero-causal samples match the fp32 reference by the
-                       FlashAttention rule of `prefixlm.attention.testing` (the whole output and
+                       FlashAttention rule of `prefixlm.attention.verify` (the whole output and
                        gradients are measured and reported too, but they are `prefixlm verify`'s
                        job).
 
@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from prefixlm.attention import SeqInfo, prefixlm_attention  # noqa: E402
 from prefixlm.attention.reference import reference_attention  # noqa: E402
-from prefixlm.attention.testing import error_stat  # noqa: E402
-from prefixlm.train.bench import SpecLoader, draw_lengths, fa3_unavailable_reason  # noqa: E402
+from prefixlm.attention.verify import error_stat  # noqa: E402
+from prefixlm.bench.spec import SpecLoader, spec_lengths  # noqa: E402
+from prefixlm.bench.train import fa3_unavailable_reason  # noqa: E402
 
 DETERMINISTIC = ("triton", "cudnn", "fa3")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -51,7 +52,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # -- attention checks ------------------------------------------------------------------------------
 def mixed_case(args, device):
     """(q, k, v, dout, info) of the spec-style batch with zero-causal samples mixed in."""
-    prefix, causal = draw_lengths(args.capacity, args.seed, args.zero_causal_frac,
+    prefix, causal = spec_lengths(args.capacity, args.seed, args.zero_causal_frac,
                                   args.max_prefix, args.max_causal)
     info = SeqInfo.from_lengths(prefix, causal, capacity=args.capacity, device=device)
     g = torch.Generator(device=device).manual_seed(0)
@@ -151,7 +152,7 @@ def check_zero_causal_run(backend, args, device) -> dict:
         f"compile={str(compile_).lower()}", f"device={device.type}", "lr=3e-4",
         "warmup_steps=1", "progress=false", "tensorboard=false", "ckpt_every=0",
         f"run_dir={tempfile.mkdtemp(prefix='prefixlm-seed-validation-')}",
-        f"model.attention_backend={backend}"])
+        f"attention_backend={backend}"])
     loader = SpecLoader(cfg.capacity, cfg.model.vocab_size, seed=args.seed, device=device,
                         max_prefix=args.max_prefix, max_causal=args.max_causal,
                         all_zero_causal_every=args.zero_every)

@@ -1,5 +1,5 @@
 """Time Triton kernel configs on one spec case (GPU), for tuning the tables in
-`prefixlm/kernels/prefixlm_attention.py`. The first config of each list should be the table's
+`prefixlm/attention/backends/triton_kernels.py`. The first config of each list should be the table's
 current entry: every other result is checked against it (max |difference| printed).
 
     python bench/triton_sweep.py [--case A] [--fwd "128,128,8,3,3,1,0;..."] [--bwd "..."]
@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from prefixlm.kernels.prefixlm_attention import BwdConfig, FwdConfig
+from prefixlm.attention.backends.triton_kernels import BwdConfig, FwdConfig
 
 DEFAULT_FWD = "128,128,8,3,3,1,0;256,128,16,3,3,1,0;256,64,16,3,3,1,0"
 # 16 warps: half the accumulator registers per thread of 8 (the 8-warp dK/dV kernel spills; 64-key
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     fwd, bwd = parse_configs(args.fwd, FwdConfig), parse_configs(args.bwd, BwdConfig)
 
-    from prefixlm.attention.bench import sweep_configs
+    from prefixlm.bench.attention import sweep_configs
 
     rows = sweep_configs(args.case, fwd, bwd, iters=args.iters)
     print(f"\ncase {args.case}: ms, useful TFLOP/s, max |diff| to the first config")

@@ -1,5 +1,11 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# The shared helpers (datahelpers, trainhelpers) import by name from every test folder.
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture
@@ -10,3 +16,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory):
+    """A small prepared dataset of the built-in synthetic task (byte tokenizer)."""
+    from prefixlm.data.prepare import prepare_sft
+    from prefixlm.data.synthetic import make_samples, write_jsonl
+
+    root = tmp_path_factory.mktemp("data")
+    write_jsonl(make_samples(600, seed=0), root / "train.jsonl")
+    prepare_sft([str(root / "train.jsonl")], str(root / "prepared"), context_size=64,
+                progress=False)
+    return root / "prepared"

@@ -1,9 +1,10 @@
-"""PrefixLM attention over packed varlen batches: metadata, backends and the public op."""
+"""PrefixLM attention over packed varlen batches: metadata, the mask, backends and the public op."""
 
-from .api import prefixlm_attention, prepare_attention
+from .api import decode_attention, prefixlm_attention, prepare_attention
 from .reference import reference_attention
-from .registry import AUTO_ORDER, backend_names, resolve_backend
+from .registry import AUTO_ORDER, AttentionInputs, backend_names, resolve_backend
 from .seqinfo import BatchMeta, SeqInfo
 
-__all__ = ["SeqInfo", "BatchMeta", "prefixlm_attention", "prepare_attention",
-           "reference_attention", "backend_names", "resolve_backend", "AUTO_ORDER"]
+__all__ = ["SeqInfo", "BatchMeta", "AttentionInputs", "prefixlm_attention", "prepare_attention",
+           "decode_attention", "reference_attention", "backend_names", "resolve_backend",
+           "AUTO_ORDER"]

@@ -1,11 +1,14 @@
-"""`prefixlm_attention`: input checks, backend choice, then the backend."""
+"""The attention entry points: `prefixlm_attention` (input checks, backend choice, then the
+backend), `prepare_attention` (per-batch work before the layers) and `decode_attention` (new causal
+tokens against a KV cache)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .op import attention_op
-from .registry import BACKENDS, resolve_backend
+from .registry import AttentionInputs, resolve_backend
 from .seqinfo import SeqInfo
 
 
@@ -32,6 +35,9 @@ def _check_inputs(q, k, v, info):
                          f"{k.shape[0]}")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[1] == 0 or q.shape[2] == 0:
+        raise ValueError(f"q must have at least one head and head_dim >= 1, got shape "
+                         f"{tuple(q.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads "
                          f"({k.shape[1]})")
@@ -57,7 +63,7 @@ def prefixlm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: 
     Returns (T, Hq, D) in q's dtype.
     """
     _check_inputs(q, k, v, info)
-    module = resolve_backend(backend, q, k, v)
+    module = resolve_backend(backend, AttentionInputs.of(q, k, v))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if not module.USES_OP:
@@ -67,9 +73,33 @@ def prefixlm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: 
     return out
 
 
-def prepare_attention(info: SeqInfo, rows: int, backend: str = "auto") -> None:
-    """Per-batch work that `backend` can do once before the layers run, outside compiled code
-    (Flex: its block mask); a no-op for the others. `rows`: the rows of q the layers will pass."""
-    prepare = getattr(BACKENDS.get(backend), "prepare", None)
+def prepare_attention(info: SeqInfo, inputs: AttentionInputs, backend: str = "auto") -> str:
+    """Per-batch work that the backend chosen for `inputs` can do once before the layers run,
+    outside compiled code (Flex: its block mask; a no-op for the others). `inputs` describes the
+    q, k, v the layers will pass (`AttentionInputs`). Returns the chosen backend's name."""
+    module = resolve_backend(backend, inputs)
+    prepare = getattr(module, "prepare", None)
     if prepare is not None:
-        prepare(info, rows)
+        prepare(info, inputs.rows)
+    return module.NAME
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     softmax_scale: float | None = None) -> torch.Tensor:
+    """Attention of the newest tokens of one sequence against its KV cache.
+
+    q: (N, Hq, D), the queries of the last N tokens; k, v: (M, Hkv, D), the keys and values of all
+    M >= N tokens so far (cache + these N). The new tokens are causal: new token i sees keys
+    0 .. M - N + i, so the cached prefix and causal tokens stay as the prefill attended them (a
+    causal token's state never depends on later tokens). Returns (N, Hq, D). This is the decode
+    path of generation; prefill goes through `prefixlm_attention`.
+    """
+    new, total = q.shape[0], k.shape[0]
+    if new > total:
+        raise ValueError(f"decode_attention: {new} queries but only {total} keys")
+    allowed = (torch.arange(total, device=q.device)[None, :]
+               <= torch.arange(total - new, total, device=q.device)[:, None])
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                         attn_mask=allowed, scale=softmax_scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(0, 1)

@@ -41,5 +41,20 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info:
         softmax_dtype = torch.promote_types(compute_dtype, torch.float32)
         probs = torch.softmax(scores.to(softmax_dtype), dim=-1).to(compute_dtype)
         pieces.append((probs @ vs).transpose(0, 1))
-    pieces.append(q.new_zeros(total_rows - info.total, num_q_heads, head_dim))
+    # Padding rows: zeros that stay attached to q (a `where`, not `* 0`, so NaN padding cannot leak
+    # in), so that even a batch without tokens can be differentiated.
+    pieces.append(torch.where(q.new_zeros((), dtype=torch.bool), q[info.total:], 0))
     return torch.cat(pieces, 0)
+
+
+# `backend="reference"`: the oracle, selectable like any backend (slow; for checks).
+NAME = "reference"
+USES_OP = False
+
+
+def unavailable_reason(inputs):
+    return None
+
+
+def attention(q, k, v, info, softmax_scale, deterministic):
+    return reference_attention(q, k, v, info, softmax_scale, torch.float32).to(q.dtype)

@@ -1,44 +1,76 @@
-"""Backend table and the `auto` rule.
+"""The attention backends, the one protocol they follow, and the `auto` rule.
 
-Each backend is a module with:
-  NAME, USES_OP   -- USES_OP backends run inside the `prefixlm::attention` custom op
-  unavailable_reason(q, k, v) -> str | None  -- why it cannot run these inputs (None: it can)
-  op backends:     lse_shape(q), forward(q, k, v, meta, scale) -> (out, lse),
-                   backward(dout, q, k, v, out, lse, meta, scale, deterministic) -> (dq, dk, dv)
-  direct backends: attention(q, k, v, info, scale, deterministic) -> out
-A backend whose optional dependency is missing still imports; it reports the missing module from
-`unavailable_reason`.
+A backend is a module with:
+  NAME                                     its name in `backend=...`
+  USES_OP                                  True: it runs inside the `prefixlm::attention` custom op
+  unavailable_reason(inputs) -> str|None   why it cannot run these inputs (None: it can); `inputs`
+                                           is an `AttentionInputs` (static properties, no data)
+  prepare(info, rows) -> None              optional: per-batch work done once before the layers
+  op backends (USES_OP):
+    lse_shape(q), forward(q, k, v, meta, scale) -> (out, lse),
+    backward(dout, q, k, v, out, lse, meta, scale, deterministic) -> (dq, dk, dv)
+  direct backends:
+    attention(q, k, v, info, scale, deterministic) -> out   (differentiable by itself)
+A backend whose optional dependency is missing still imports; `unavailable_reason` names it.
 
-`auto` takes the first backend in AUTO_ORDER[auto_class(q, k, v)] that can run the inputs. The
-orders follow the speeds measured on the H200 (BENCHMARKS.md): for training, cuDNN's two passes
-on long (>= 32k rows) head-dim-128 batches on sm90, the fused Triton kernel otherwise; for
-forward-only calls FA3's two passes first. On CPU and MPS it is SDPA, which runs everywhere.
+`auto` takes the first backend in AUTO_ORDER[auto_class(inputs)] that can run the inputs. The orders
+follow the speeds measured on the H200 (BENCHMARKS.md, "Attention"): for training, cuDNN's two passes
+on long head-dim-128 batches on sm90 and the fused Triton kernel otherwise; for forward-only calls
+FA3's two passes first (its backward was not measurable). On CPU and MPS it is SDPA, which runs
+everywhere.
 """
 
 from __future__ import annotations
 
-import importlib
+from typing import NamedTuple
 
 import torch
 
-_MODULES = {
-    "reference": "reference_backend",
-    "sdpa": "sdpa",
-    "flex": "flex",
-    "fa3": "fa3",
-    "triton": "triton_backend",
-    "cudnn": "cudnn",
-}
+from . import reference
+from .backends import cudnn, fa3, flex, sdpa, triton
+
+__all__ = ["AttentionInputs", "BACKENDS", "AUTO_ORDER", "auto_class", "backend_names",
+           "op_backend", "resolve_backend"]
+
+
+class AttentionInputs(NamedTuple):
+    """What choosing a backend may depend on: static properties of q, k, v, never their values,
+    so that `torch.compile` never re-traces on the choice."""
+
+    device: torch.device
+    dtype: torch.dtype
+    rows: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    requires_grad: bool
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "AttentionInputs":
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return cls(q.device, q.dtype, q.shape[0], q.shape[1], k.shape[1], q.shape[2], grad)
+
+
+_REQUIRED = {True: ("NAME", "unavailable_reason", "lse_shape", "forward", "backward"),
+             False: ("NAME", "unavailable_reason", "attention")}
+
+
+def _register(*modules) -> dict:
+    table = {}
+    for module in modules:
+        missing = [name for name in _REQUIRED[module.USES_OP] if not hasattr(module, name)]
+        if missing:
+            raise TypeError(f"attention backend {module.__name__} lacks {', '.join(missing)}")
+        table[module.NAME] = module
+    return table
+
+
+BACKENDS = _register(reference, sdpa, flex, fa3, triton, cudnn)
+
 # Orders by "shape class" (`auto_class`); the first backend that can run the inputs wins.
 AUTO_ORDER = {
-    # Training on the H200 (fwd+bwd, BENCHMARKS.md): cuDNN's two passes beat the Triton kernel by
-    # 1.09-1.23x on the 64k-token, head-dim-128 spec batches (A, C, E, F) ...
     "cuda_sm90_train_hd128_long": ("cudnn", "triton", "fa3", "flex", "sdpa"),
-    # ... and lose on the 16k batch (B, 0.60x), head dim 64 (D, 0.94x) and pure causal (G, 0.92x,
-    # not visible from shapes: it goes with its class). Other GPUs were not measured: triton.
     "cuda_train": ("triton", "cudnn", "fa3", "flex", "sdpa"),
-    # Forward only: FA3's two-pass forward measured fastest (1.10 ms on A against 1.26 cudnn and
-    # 1.31 triton); its backward could not be measured (forward-only build), so it leads only here.
     "cuda_forward": ("fa3", "triton", "cudnn", "flex", "sdpa"),
     "default": ("sdpa",),  # CPU, MPS: Flex there is an unfused forward-only fallback
 }
@@ -50,20 +82,16 @@ def _is_sm90(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) == (9, 0)
 
 
-def auto_class(q, k, v) -> str:
-    """The AUTO_ORDER key for these inputs, from static properties only (device, head dim, rows,
-    whether a gradient is needed), so that `torch.compile` never re-traces on it."""
-    if q.device.type != "cuda":
+def auto_class(inputs: AttentionInputs) -> str:
+    """The AUTO_ORDER key for these inputs."""
+    if inputs.device.type != "cuda":
         return "default"
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+    if not inputs.requires_grad:
         return "cuda_forward"
-    if (q.shape[-1] == 128 and q.shape[0] >= LONG_BATCH
-            and _is_sm90(q.device.index if q.device.index is not None else 0)):
+    index = inputs.device.index if inputs.device.index is not None else 0
+    if inputs.head_dim == 128 and inputs.rows >= LONG_BATCH and _is_sm90(index):
         return "cuda_sm90_train_hd128_long"
     return "cuda_train"
-
-
-BACKENDS = {name: importlib.import_module(f"{__package__}.{mod}") for name, mod in _MODULES.items()}
 
 
 def backend_names() -> tuple[str, ...]:
@@ -78,12 +106,12 @@ def op_backend(name: str):
     return module
 
 
-def resolve_backend(name: str, q, k, v):
-    """The backend module that will run (q, k, v); raises with the reason if it cannot."""
+def resolve_backend(name: str, inputs: AttentionInputs):
+    """The backend module that will run `inputs`; raises with the reason if none can."""
     if name == "auto":
         reasons = {}
-        for candidate in AUTO_ORDER[auto_class(q, k, v)]:
-            reason = BACKENDS[candidate].unavailable_reason(q, k, v)
+        for candidate in AUTO_ORDER[auto_class(inputs)]:
+            reason = BACKENDS[candidate].unavailable_reason(inputs)
             if reason is None:
                 return BACKENDS[candidate]
             reasons[candidate] = reason
@@ -93,7 +121,7 @@ def resolve_backend(name: str, q, k, v):
     module = BACKENDS.get(name)
     if module is None:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {backend_names()}")
-    reason = module.unavailable_reason(q, k, v)
+    reason = module.unavailable_reason(inputs)
     if reason is not None:
         raise NotImplementedError(f"backend {name!r} cannot run these inputs: {reason}")
     return module

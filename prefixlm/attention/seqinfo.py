@@ -19,7 +19,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["SeqInfo", "BatchMeta"]
+from ..devices import to_device
+
+__all__ = ["SeqInfo", "BatchMeta", "batch_cache"]
 
 
 def _as_lengths(name: str, values) -> np.ndarray:
@@ -97,10 +99,8 @@ class SeqInfo:
 
         # One host-to-device copy for all three tensors; the fields are views into it.
         packed = torch.from_numpy(np.concatenate([cu, prefix_slots, causal_slots]).astype(np.int32))
-        if device is not None and torch.device(device).type == "cuda":
-            packed = packed.pin_memory().to(device, non_blocking=True)
-        elif device is not None:
-            packed = packed.to(device)
+        if device is not None:
+            packed = to_device(packed, device)
         self.cu_seqlens = packed[: slots + 1]
         self.prefix_lens = packed[slots + 1: 2 * slots + 1]
         self.causal_lens = packed[2 * slots + 1:]
@@ -112,7 +112,7 @@ class SeqInfo:
         self.max_seqlen = int(seqlens.max()) if n else 0
         self.capacity = capacity
         self.slots = slots
-        self._cache = {}
+        self._cache = batch_cache(self.host_lens)
 
     @classmethod
     def from_lengths(cls, prefix_lens, causal_lens, capacity: int | None = None, device=None,
@@ -162,15 +162,10 @@ class SeqInfo:
         """Causal lengths of the real samples (host)."""
         return self.host_lens[1, : self.num_samples].numpy()
 
-    def to(self, device) -> "SeqInfo":
-        return SeqInfo(self.prefix_host().copy(), self.causal_host().copy(), self.capacity, device,
-                       self.slots)
-
     def cached(self, key, build):
-        """Per-batch cache for derived data (e.g. a FlexAttention block mask)."""
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
+        """`build()`, computed once per batch and `key` (see `batch_cache`). A plain dict lookup
+        on this object, so that `torch.compile` traces it without guarding on the batch."""
+        return _memo(self._cache, key, build)
 
     def __repr__(self) -> str:
         return (f"SeqInfo(num_samples={self.num_samples}, total={self.total}, "
@@ -198,6 +193,7 @@ class BatchMeta(NamedTuple):
     max_prefix: int
     max_causal: int
     max_seqlen: int
+    host_lens: torch.Tensor  # the batch's identity for `batch_cache`
 
     @property
     def used_slots(self) -> int:
@@ -206,25 +202,46 @@ class BatchMeta(NamedTuple):
 
     @classmethod
     def from_op_args(cls, cu_seqlens, prefix_lens, causal_lens, host_lens) -> "BatchMeta":
-        return cls(cu_seqlens, prefix_lens, causal_lens, *_host_part(host_lens))
+        part = _memo(batch_cache(host_lens), "host_part", lambda: _host_part(host_lens))
+        return cls(cu_seqlens, prefix_lens, causal_lens, *part, host_lens)
 
     @classmethod
     def from_info(cls, info: SeqInfo) -> "BatchMeta":
         return cls.from_op_args(info.cu_seqlens, info.prefix_lens, info.causal_lens,
                                 info.host_lens)
 
+    def cached(self, key, build):
+        """`build()`, computed once per batch and `key` (see `batch_cache`)."""
+        return _memo(batch_cache(self.host_lens), key, build)
 
-# Every layer's attention call in a step passes the same `host_lens` tensor; its host summary is
-# computed once (an O(slots) scan, ~0.1 ms at 64k slots) and looked up by identity after that.
-_HOST_PARTS: dict = {}
-_HOST_PARTS_KEPT = 8
+
+# Per-batch derived data (the host summary, Flex's block mask, Triton's tile schedules, the short
+# samples' dense tiles) is computed once and shared by every layer's forward and backward. A batch
+# is identified by its `host_lens` tensor: every call of a step passes that same object (inside
+# the custom op too), and a new batch is a new tensor. Entries go when the tensor is freed.
+_BATCH_CACHES: dict[int, tuple] = {}
+
+
+def batch_cache(host_lens: torch.Tensor) -> dict:
+    """The dict of derived data of the batch whose lengths are `host_lens` (the same dict for
+    every call with that tensor, a fresh one after the tensor changes in place)."""
+    ident = id(host_lens)
+    entry = _BATCH_CACHES.get(ident)
+    if entry is None or entry[0]() is not host_lens or entry[1] != host_lens._version:
+        entry = (weakref.ref(host_lens, lambda _, ident=ident: _BATCH_CACHES.pop(ident, None)),
+                 host_lens._version, {})
+        _BATCH_CACHES[ident] = entry
+    return entry[2]
+
+
+def _memo(cache: dict, key, build):
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 def _host_part(host_lens: torch.Tensor) -> tuple:
-    key = id(host_lens)
-    hit = _HOST_PARTS.get(key)
-    if hit is not None and hit[0]() is host_lens and hit[1] == host_lens._version:
-        return hit[2]
+    """The host fields of BatchMeta, trimmed to the used slots (an O(slots) scan)."""
     lens = host_lens.numpy()
     seqlens = lens[0] + lens[1]
     nonempty = np.flatnonzero(seqlens)
@@ -234,10 +251,6 @@ def _host_part(host_lens: torch.Tensor) -> tuple:
     starts = ends - seqlens
     for shared in (prefix, causal, starts):  # shared by every call of the step: read-only
         shared.setflags(write=False)
-    part = (prefix, causal, starts, int(ends[-1]) if used else 0,
+    return (prefix, causal, starts, int(ends[-1]) if used else 0,
             int(prefix.max()) if used else 0, int(causal.max()) if used else 0,
             int(seqlens.max()) if used else 0)
-    if len(_HOST_PARTS) >= _HOST_PARTS_KEPT:
-        _HOST_PARTS.pop(next(iter(_HOST_PARTS)))
-    _HOST_PARTS[key] = (weakref.ref(host_lens), host_lens._version, part)
-    return part

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["V1Dataset", "EpochIndex"]
+__all__ = ["V1Dataset", "EpochIndex", "INDEX_FIELDS", "length_histogram"]
 
 INDEX_FIELDS = ("inst_start", "inst_len", "resp_start", "resp_len")
 
@@ -39,6 +39,18 @@ class EpochIndex(NamedTuple):
 
     def __len__(self) -> int:  # type: ignore[override]
         return len(self.inst_len)
+
+
+def length_histogram(values: np.ndarray) -> dict:
+    """Counts per power-of-two bucket: key "a-b" covers a <= x <= b."""
+    values = np.asarray(values, dtype=np.int64)
+    if len(values) == 0:
+        return {}
+    top = int(values.max())
+    edges = [0, 1] + [2 ** k + 1 for k in range(1, max(1, top.bit_length()) + 1)]
+    counts, _ = np.histogram(values, bins=edges)
+    return {(f"{lo}" if hi - 1 == lo else f"{lo}-{hi - 1}"): int(c)
+            for lo, hi, c in zip(edges[:-1], edges[1:], counts) if c}
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
@@ -98,7 +110,7 @@ class V1Dataset:
     def epoch(self, k: int) -> EpochIndex:
         """Index arrays of epoch k (int64, validated)."""
         if not 0 <= k < self.num_epochs:
-            raise IndexError(f"epoch {k} out of range: {self.path} has {self.num_epochs} epochs")
+            raise ValueError(f"epoch {k} out of range: {self.path} has {self.num_epochs} epochs")
         if k not in self._epochs:
             self._epochs[k] = self._load_epoch(k)
         return self._epochs[k]

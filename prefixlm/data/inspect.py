@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .dataset import V1Dataset
-from .prepare import _histogram
+from .dataset import V1Dataset, length_histogram
+from .loader import IGNORE_INDEX
 
 __all__ = ["summarize", "format_summary", "render_batch"]
 
 
 def summarize(dataset: V1Dataset, epoch: int = 0) -> dict:
     e = dataset.epoch(epoch)
-    seq = e.inst_len + e.resp_len - 1
+    seq = e.prefix_lens + e.causal_lens
     longest = int(np.argmax(seq)) if len(seq) else 0
     return {
         "path": str(dataset.path),
@@ -22,13 +22,13 @@ def summarize(dataset: V1Dataset, epoch: int = 0) -> dict:
         "prefix_tokens": int(e.inst_len.sum()),
         "response_tokens": int(e.resp_len.sum()),
         "batch_tokens": int(seq.sum()),
-        "causal_len_zero": int((e.resp_len - 1 == 0).sum()),
+        "causal_len_zero": int((e.causal_lens == 0).sum()),
         "max_seq_len": dataset.max_seq_len,
         "longest": {"index": longest, "seq_len": int(seq[longest]) if len(seq) else 0,
                     "inst_len": int(e.inst_len[longest]) if len(seq) else 0,
                     "resp_len": int(e.resp_len[longest]) if len(seq) else 0},
-        "histograms": {"inst_len": _histogram(e.inst_len), "causal_len": _histogram(e.resp_len - 1),
-                       "seq_len": _histogram(seq)},
+        "histograms": {"inst_len": length_histogram(e.inst_len), "causal_len": length_histogram(e.causal_lens),
+                       "seq_len": length_histogram(seq)},
     }
 
 
@@ -77,7 +77,7 @@ def render_batch(loader, epoch: int, step: int, tokenizer=None, max_tokens: int 
             if shown >= max_tokens:
                 break
             region = "C " if t - start >= p else ("P*" if t - start == p - 1 else "P ")
-            label = "-" if labels[t] == -100 else f"{int(labels[t])} {name(labels[t])}"
+            label = "-" if labels[t] == IGNORE_INDEX else f"{int(labels[t])} {name(labels[t])}"
             lines.append(f"{t:7d} {region} pos {int(positions[t]):5d}  in {int(inputs[t]):6d} "
                          f"{name(inputs[t]):>14s}  -> {label}")
             shown += 1

@@ -23,17 +23,14 @@ import numpy as np
 import torch
 
 from ..attention import SeqInfo
+from ..devices import to_device
 from .dataset import EpochIndex, V1Dataset
 from .sampler import MultipackSampler, PackPlan
 
-__all__ = ["Batch", "PackedLoader", "assemble_batch", "supervised_rows", "IGNORE_INDEX"]
+__all__ = ["Batch", "PackedLoader", "assemble_batch", "batch_on_device", "supervised_rows",
+           "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
-PREFIX_LEAK_MESSAGE = (
-    "supervising prefix positions other than the last is refused: prefix tokens attend "
-    "bidirectionally, so a prefix position can see the very token it would be asked to predict "
-    "(label leakage; the loss drops to zero without learning anything). Only the last prefix "
-    "position is labelled, with the first response token, which is not in the input.")
 
 
 class Batch(NamedTuple):
@@ -86,7 +83,17 @@ def assemble_batch(tokens: np.ndarray, index: EpochIndex, sample_ids: np.ndarray
     rows[1, total:] = IGNORE_INDEX
     rows[2, :total] = t
     rows[2, total:] = 0
-    return rows, inst_len, resp_len - 1
+    return rows, inst_len, index.causal_lens[ids]
+
+
+def batch_on_device(rows: torch.Tensor, supervised: torch.Tensor, prefix, causal, capacity: int,
+                    device=None) -> Batch:
+    """The Batch of `assemble_batch`'s rows (as a tensor) and their `supervised_rows`, on `device`
+    (None: stay on the CPU)."""
+    if device is not None:
+        rows, supervised = to_device(rows, device), to_device(supervised, device)
+    info = SeqInfo.from_lengths(prefix, causal, capacity=capacity, device=device)
+    return Batch(rows[0], rows[1], rows[2], info, supervised)
 
 
 class PackedLoader:
@@ -98,15 +105,12 @@ class PackedLoader:
     `iter()` continue exactly after them.
 
     device: where batches go (None: stay on the CPU). On CUDA the host tensors are pinned in the
-      background thread and copied with non_blocking=True. prefetch: batches assembled ahead in a
+      background thread and copied asynchronously (`devices.to_device`). prefetch: batches assembled ahead in a
       background thread (0: assemble in the caller's thread).
     """
 
     def __init__(self, dataset, capacity: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, device=None, prefetch: int = 2, supervise_prefix: bool = False,
-                 pad_id: int | None = None):
-        if supervise_prefix:
-            raise ValueError(PREFIX_LEAK_MESSAGE)
+                 seed: int = 0, device=None, prefetch: int = 2, pad_id: int | None = None):
         if not isinstance(dataset, V1Dataset):
             dataset = V1Dataset(dataset)
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
@@ -138,7 +142,7 @@ class PackedLoader:
         if k not in self._samplers:
             index = self.dataset.epoch(k)
             try:
-                self._samplers[k] = MultipackSampler(index.inst_len, index.resp_len - 1,
+                self._samplers[k] = MultipackSampler(index.prefix_lens, index.causal_lens,
                                                      self.capacity, world_size=self.world_size,
                                                      seed=self.seed)
             except ValueError as exc:
@@ -217,12 +221,7 @@ class PackedLoader:
         return rows, supervised, prefix, causal
 
     def _finish(self, item) -> Batch:
-        rows, supervised, prefix, causal = item
-        if self.device is not None:
-            rows = rows.to(self.device, non_blocking=self._pin)
-            supervised = supervised.to(self.device, non_blocking=self._pin)
-        info = SeqInfo.from_lengths(prefix, causal, capacity=self.capacity, device=self.device)
-        return Batch(rows[0], rows[1], rows[2], info, supervised)
+        return batch_on_device(*item, self.capacity, self.device)
 
     def _positions(self, epoch: int, step: int):
         while True:

@@ -1,9 +1,6 @@
 """prepare-sft: JSONL -> a tokenized HRM-Text "V1" dataset.
 
-Rows are `{"instruction": str, "response": str, "condition"?: str}` or chat rows
-`{"messages": [{"role": str, "content": str}, ...], "condition"?: str}`; in a chat row the last
-assistant turn is the response and the turns before it are the instruction (rendered with
-`tokenizer.render_chat`); turns after it are ignored (and counted).
+Rows follow `rows.py` (instruction rows or chat rows); `tokenizer.py` renders them to tokens.
 
 Lengths and the seed's boundary. A sample is `inst_len` prefix tokens and `resp_len` response tokens,
 the response ending with the end-of-answer token. After the autoregressive shift the model reads
@@ -26,7 +23,6 @@ Output (written to a temporary sibling directory, fsynced, renamed into place at
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -37,14 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import fsync_dir
-from .tokenizer import CHAT_ROLES, load_tokenizer, render_chat
+from ..fsutil import durable_open, fsync_dir, save_npy, write_json
+from .dataset import INDEX_FIELDS, EpochIndex, length_histogram
+from .rows import parse_row
+from .sampler import MultipackSampler
+from .tokenizer import load_tokenizer
 
 __all__ = ["prepare_sft", "TRUNCATION_POLICIES", "InputError", "FORMAT"]
 
 TRUNCATION_POLICIES = ("drop", "truncate-prefix", "truncate-response")
 FORMAT = "hrm-text-v1"
-INDEX_FIELDS = ("inst_start", "inst_len", "resp_start", "resp_len")
 CHUNK_ROWS = 4096
 OUTCOMES = ("kept", "truncated_prefix", "truncated_response", "dropped_empty", "dropped_too_long",
             "dropped_malformed")
@@ -54,93 +52,14 @@ class InputError(ValueError):
     """Bad input data: the message names the file and line."""
 
 
-def _parse_row(raw: bytes, conditions: dict):
-    """One JSONL line -> (instruction, response, condition, trailing_turns); raises ValueError."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r})")
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON: {exc.msg} at column {exc.colno}")
-    if not isinstance(row, dict):
-        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-    condition = row.get("condition")
-    if condition is not None:
-        if not isinstance(condition, str):
-            raise ValueError(f"field 'condition' must be a string, got {type(condition).__name__}")
-        if condition not in conditions:
-            known = ", ".join(sorted(conditions)) or "none declared"
-            raise ValueError(f"unknown condition {condition!r} (declared: {known})")
-    trailing = 0
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("field 'messages' must be a non-empty list")
-        for k, m in enumerate(messages):
-            if not isinstance(m, dict):
-                raise ValueError(f"messages[{k}] must be an object")
-            for key in ("role", "content"):
-                if not isinstance(m.get(key), str):
-                    got = "missing" if key not in m else type(m[key]).__name__
-                    raise ValueError(f"messages[{k}].{key} must be a string, got {got}")
-            if m["role"] not in CHAT_ROLES:
-                raise ValueError(f"messages[{k}].role {m['role']!r} is not one of "
-                                 f"{', '.join(CHAT_ROLES)}")
-        last = max((k for k, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
-        if last < 0:
-            raise ValueError("messages has no assistant turn to use as the response")
-        instruction = render_chat(messages[:last])
-        response = messages[last]["content"]
-        trailing = len(messages) - last - 1
-    else:
-        for key in ("instruction", "response"):
-            if key not in row:
-                raise ValueError(f"missing field {key!r} (expected 'instruction' and 'response', "
-                                 f"or 'messages')")
-            if not isinstance(row[key], str):
-                raise ValueError(f"field {key!r} must be a string, got {type(row[key]).__name__}")
-        instruction, response = row["instruction"], row["response"]
-    if "\\ud" in text or "\\uD" in text:  # JSON can smuggle lone surrogates that UTF-8 cannot hold
-        for name, value in (("instruction", instruction), ("response", response)):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"{name} contains a lone surrogate (invalid unicode escape)")
-    return instruction, response, condition, trailing
-
-
-def _histogram(values: np.ndarray) -> dict:
-    """Counts per power-of-two bucket: key "a-b" covers a <= x <= b."""
-    values = np.asarray(values, dtype=np.int64)
-    if len(values) == 0:
-        return {}
-    top = int(values.max())
-    edges = [0, 1] + [2 ** k + 1 for k in range(1, max(1, top.bit_length()) + 1)]
-    counts, _ = np.histogram(values, bins=edges)
-    return {(f"{lo}" if hi - 1 == lo else f"{lo}-{hi - 1}"): int(c)
-            for lo, hi, c in zip(edges[:-1], edges[1:], counts) if c}
-
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_npy_from_raw(raw_path: Path, npy_path: Path, count: int) -> None:
     """tokens.npy from the raw int32 stream written during tokenization (count unknown until the end)."""
-    with open(npy_path, "wb") as out:
+    with durable_open(npy_path) as out:
         np.lib.format.write_array_header_1_0(
             out, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)),
                   "fortran_order": False, "shape": (count,)})
         with open(raw_path, "rb") as src:
             shutil.copyfileobj(src, out, 16 << 20)
-        out.flush()
-        os.fsync(out.fileno())
 
 
 class _Decider:
@@ -221,11 +140,7 @@ def prepare_sft(inputs, output, tokenizer="byte", context_size: int = 4097, epoc
                                progress)
         report["elapsed_s"] = round(time.perf_counter() - started, 3)
         report["tokens_per_s"] = round(report["tokens"]["read"] / max(report["elapsed_s"], 1e-9))
-        with open(tmp / "report.json", "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_json(tmp / "report.json", report)
         fsync_dir(tmp)
         _commit(tmp, output)
     except BaseException:
@@ -298,7 +213,7 @@ def _prepare_into(tmp: Path, inputs, tok, decide: _Decider, epochs: int, seed: i
         if len(malformed_examples) < 20:
             malformed_examples.append(where)
 
-    with open(raw_path, "wb") as raw_out:
+    with durable_open(raw_path) as raw_out:
         def flush(rows):
             nonlocal tokens_read, written
             if not rows:
@@ -354,7 +269,7 @@ def _prepare_into(tmp: Path, inputs, tok, decide: _Decider, epochs: int, seed: i
                         counts["blank_lines"] += 1
                         continue
                     try:
-                        inst, resp, cond, trailing = _parse_row(raw, tok.condition_ids)
+                        inst, resp, cond, trailing = parse_row(raw, tok.condition_ids)
                     except ValueError as exc:
                         bad(path, lineno, str(exc))
                         continue
@@ -373,8 +288,6 @@ def _prepare_into(tmp: Path, inputs, tok, decide: _Decider, epochs: int, seed: i
                                      f"--skip-invalid to skip it")
                 counts["empty_files"] += 1
             files_report.append({"path": str(path), "rows": file_rows})
-        raw_out.flush()
-        os.fsync(raw_out.fileno())
     if bar is not None:
         bar.close()
     counts["rows"] += counts["dropped_malformed"]
@@ -391,13 +304,12 @@ def _prepare_into(tmp: Path, inputs, tok, decide: _Decider, epochs: int, seed: i
             .permutation(num)
         (tmp / f"epoch_{k}").mkdir()
         for name in INDEX_FIELDS:
-            _save_npy(tmp / f"epoch_{k}" / f"{name}.npy", index[name][order])
+            save_npy(tmp / f"epoch_{k}" / f"{name}.npy", index[name][order])
         fsync_dir(tmp / f"epoch_{k}")
     tok.save(tmp)
 
-    inst_len, resp_len = index["inst_len"], index["resp_len"]
-    causal = resp_len - 1
-    from .sampler import MultipackSampler
+    kept = EpochIndex(**index)
+    inst_len, resp_len, causal = kept.inst_len, kept.resp_len, kept.causal_lens
     plan = MultipackSampler(inst_len, causal, decide.N - 1, seed=seed).plan(0)
     longest = int(np.argmax(inst_len + resp_len))
     metadata = {
@@ -415,11 +327,7 @@ def _prepare_into(tmp: Path, inputs, tok, decide: _Decider, epochs: int, seed: i
         "label_convention": "inputs = inst + resp[:-1]; labels = (inst + resp)[1:], -100 on all "
                             "prefix positions but the last; causal_len = resp_len - 1",
     }
-    with open(tmp / "metadata.json", "w") as f:
-        json.dump(metadata, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_json(tmp / "metadata.json", metadata)
     return {
         "inputs": files_report,
         "counts": counts,
@@ -434,8 +342,8 @@ def _prepare_into(tmp: Path, inputs, tok, decide: _Decider, epochs: int, seed: i
         "longest_sample": {"index": longest, "inst_len": int(inst_len[longest]),
                            "resp_len": int(resp_len[longest]),
                            "seq_len": int(inst_len[longest] + resp_len[longest] - 1)},
-        "histograms": {"inst_len": _histogram(inst_len), "resp_len": _histogram(resp_len),
-                       "seq_len": _histogram(inst_len + causal)},
+        "histograms": {"inst_len": length_histogram(inst_len), "resp_len": length_histogram(resp_len),
+                       "seq_len": length_histogram(inst_len + causal)},
         "packing": {"capacity": decide.N - 1, **plan.stats()},
     }
 

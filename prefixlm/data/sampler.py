@@ -54,9 +54,9 @@ class PackPlan:
 
     def batch(self, step: int, rank: int) -> np.ndarray:
         if not 0 <= step < self.num_steps:
-            raise IndexError(f"step {step} out of range [0, {self.num_steps})")
+            raise ValueError(f"step {step} out of range [0, {self.num_steps})")
         if not 0 <= rank < self.world_size:
-            raise IndexError(f"rank {rank} out of range [0, {self.world_size})")
+            raise ValueError(f"rank {rank} out of range [0, {self.world_size})")
         k = step * self.world_size + rank
         return self.order[self.offsets[k]: self.offsets[k + 1]]
 

@@ -6,7 +6,7 @@ Rendering (the one place it is defined; prepare-sft writes exactly this):
     response = encode(response) [eoa]
 
 `inst_begin` / `inst_end` may be disabled (set to None); `eoa` and `pad` are required. A chat row's
-instruction text is rendered by :func:`render_chat` (see its docstring for the template).
+instruction text is rendered by `rows.render_chat`.
 
 The byte tokenizer maps UTF-8 bytes to ids 0..255 and puts the special tokens after them (pad, inst_begin,
 inst_end, eoa, then one id per declared condition), so it runs with nothing to download.
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["DEFAULT_SPECIAL_TOKENS", "condition_token", "ByteTokenizer", "HFTokenizer",
-           "load_tokenizer", "render_chat", "parse_special_tokens"]
+           "load_tokenizer", "parse_special_tokens"]
 
 SPECIAL_ROLES = ("inst_begin", "inst_end", "eoa", "pad")
 REQUIRED_ROLES = ("eoa", "pad")
@@ -36,7 +36,6 @@ DEFAULT_SPECIAL_TOKENS = {
     "eoa": "<|eoa|>",
     "pad": "<|pad|>",
 }
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_FORMAT = "prefixlm-byte-tokenizer"
 
@@ -44,18 +43,6 @@ BYTE_FORMAT = "prefixlm-byte-tokenizer"
 def condition_token(name: str) -> str:
     """Default token string of condition `name`."""
     return f"<|cond:{name}|>"
-
-
-def render_chat(messages: list[dict]) -> str:
-    """Instruction text of the turns before the response (the chat template).
-
-    A single user turn renders as its content alone, so a two-turn chat and an instruction row give the
-    same tokens. Otherwise every turn renders as `"{role}: {content}"` and turns are joined by a blank
-    line, e.g. `"system: Be brief.\\n\\nuser: Hi\\n\\nassistant: Hello\\n\\nuser: Bye"`.
-    """
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 def parse_special_tokens(items: list[str] | None) -> dict[str, str | None]:

@@ -30,7 +30,6 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
-    attention_backend: str = "auto"
     H_layers: int = 0
     L_layers: int = 0
     H_cycles: int = 2

@@ -9,11 +9,10 @@ added.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..attention import SeqInfo, prefixlm_attention
+from ..attention import SeqInfo, decode_attention, prefixlm_attention
 
-__all__ = ["KVCache", "generate", "sample_next"]
+__all__ = ["KVCache", "generate", "sample_next", "answer"]
 
 
 class KVCache:
@@ -37,16 +36,7 @@ class KVCache:
             return prefixlm_attention(q, k, v, info, backend=backend)
         keys = self.keys[index] = torch.cat([self.keys[index], k])
         values = self.values[index] = torch.cat([self.values[index], v])
-        # New tokens are causal: new token i sees every cached key and new keys 0..i.
-        new, total = q.shape[0], keys.shape[0]
-        allowed = (torch.arange(total, device=q.device)[None, :]
-                   <= torch.arange(total - new, total, device=q.device)[:, None])
-        group = q.shape[1] // k.shape[1]
-        if group > 1:
-            keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1),
-                                             values.transpose(0, 1), attn_mask=allowed)
-        return out.transpose(0, 1)
+        return decode_attention(q, keys, values)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -103,3 +93,13 @@ def generate(model, prompt_ids: list[int], *, max_new_tokens: int = 64, stop_id:
             position = torch.tensor([prefix + len(out) - 1], device=device)
             logits = model(prompt.new_tensor([token]), position, None, cache)[-1]
     return (out, all_logits) if return_logits else out
+
+
+@torch.no_grad()
+def answer(model, tokenizer, instruction: str, **kwargs) -> str:
+    """Decoded response (without the end-of-answer token) for one instruction; `kwargs` go to
+    `generate`. `tokenizer` renders the prompt (`encode_prefix`) and decodes the answer."""
+    ids = generate(model, tokenizer.encode_prefix(instruction), stop_id=tokenizer.eoa_id, **kwargs)
+    if ids and ids[-1] == tokenizer.eoa_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)

@@ -61,12 +61,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.num_kv_heads, cfg.head_dim
-        self.backend = cfg.attention_backend
+        self.backend = "auto"  # a run-time choice, set by `PrefixLM.attention_backend`
         q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
         # The projection's width is rounded up to 8 columns so that the q/k/v views keep rows of
-        # a multiple of 16 bytes (bf16): 3 * 1280 + 10 columns (L) cost the attention kernels their
-        # vector loads and tensor descriptors. The few extra columns are never read (their weights
-        # get no gradient); a separate gate projection measured slower (BENCHMARKS.md).
+        # a multiple of 16 bytes (bf16): the attention kernels' vector loads and tensor
+        # descriptors need that. The few extra columns are never read (their weights get no
+        # gradient); one fused projection launches fewer kernels than a separate gate.
         used = q_dim + 2 * kv_dim + self.heads
         self.split = (q_dim, kv_dim, kv_dim, self.heads, -used % 8)
         self.qkvg = nn.Linear(cfg.hidden, used + self.split[-1], bias=False)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..attention import SeqInfo, prepare_attention
+from ..attention import AttentionInputs, SeqInfo, prepare_attention
 from .config import ModelConfig
 from .flops import step_flops
 from .layers import Block, RMSNorm, rope_tables
@@ -25,7 +25,7 @@ class PrefixLM(nn.Module):
     H_cycles - grad_cycles cycles run without autograd (HRM's truncated gradient); logits read z_H.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backend: str = "auto"):
         super().__init__()
         self.cfg = cfg.validate()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
@@ -42,6 +42,24 @@ class PrefixLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
+        self.attention_backend = backend
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend every layer calls ("auto" or a name from
+        `prefixlm.attention.backend_names()`): a run-time choice, never part of the weights."""
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        from ..attention import backend_names
+
+        if name not in backend_names():
+            raise ValueError(f"unknown attention backend {name!r}; choose one of "
+                             f"{backend_names()}")
+        self._attention_backend = name
+        for block in self.all_blocks():
+            block.attn.backend = name
 
     def all_blocks(self) -> list[Block]:
         if self.cfg.arch == "transformer":
@@ -68,10 +86,23 @@ class PrefixLM(nn.Module):
             x = block(x, rope, info, cache)
         return x
 
+    def _prepare_attention(self, info: SeqInfo, rows: int) -> None:
+        """The batch's per-batch attention work, before any (compiled) layer runs: for every
+        gradient mode the layers will call attention in (HRM runs cycles without gradient)."""
+        cfg, device = self.cfg, self.embed.weight.device
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.embed.weight.dtype)
+        grad = torch.is_grad_enabled() and self.embed.weight.requires_grad
+        modes = {grad, False} if cfg.arch == "hrm" and cfg.grad_cycles < cfg.H_cycles else {grad}
+        for requires_grad in modes:
+            inputs = AttentionInputs(device, dtype, rows, cfg.heads, cfg.num_kv_heads,
+                                     cfg.head_dim, requires_grad)
+            prepare_attention(info, inputs, self.attention_backend)
+
     def hidden_states(self, input_ids, position_ids, info: SeqInfo, cache=None) -> torch.Tensor:
         cfg = self.cfg
         if cache is None:
-            prepare_attention(info, input_ids.shape[0], cfg.attention_backend)
+            self._prepare_attention(info, input_ids.shape[0])
         x = self.embed(input_ids)
         rope = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta)
         if cfg.arch == "transformer":

@@ -1,4 +1,4 @@
-"""Training: config, loop, checkpoints, FSDP2, the built-in synthetic task, generate/eval/export.
+"""Training: run config, the loop, checkpoints, FSDP2, metrics, and a run end to end (`run`).
 
-Imports stay lazy here so that `import prefixlm.train.config` does not pull in the data layer.
+Modules are imported by name (`prefixlm.train.config`, ...): reading a config needs no torch.
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import re
 import shutil
@@ -23,15 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+import yaml
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..fsutil import fsync_dir
+from ..data.tokenizer import load_tokenizer
+from ..fsutil import fsync_dir, write_bytes
+from ..model import PrefixLM
+from .config import config_from_dict
 from .distributed import all_reduce, barrier
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
-           "CheckpointError", "load_model_weights"]
+           "CheckpointError", "load_model_weights", "resolve_checkpoint", "load_trained"]
 
 COMMIT = "COMMIT"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -40,13 +43,6 @@ _NAME = re.compile(r"^step_(\d+)$")
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and says why."""
 
-
-
-def _write_durable(path: Path, data: bytes):
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def rng_state() -> dict:
@@ -91,7 +87,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dic
     local = {"loader": loader_state, "rng": rng_state(), "step": step}
     buffer = io.BytesIO()
     torch.save(local, buffer)
-    _write_durable(tmp / f"rank{rank:05d}.pt", buffer.getvalue())
+    write_bytes(tmp / f"rank{rank:05d}.pt", buffer.getvalue())
     barrier()
     if rank == 0:
         if write_extra is not None:
@@ -99,7 +95,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dic
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
                  if p.is_file()}
         world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
-        _write_durable(tmp / COMMIT, json.dumps({"step": step, "world_size": world,
+        write_bytes(tmp / COMMIT, json.dumps({"step": step, "world_size": world,
                                                  "files": files}).encode())
         fsync_dir(tmp)
         if final.exists():  # a re-save of the same step (e.g. a resumed run ending there)
@@ -154,37 +150,8 @@ def _warn(msg: str, rank: int):
         print(f"prefixlm: warning: {msg}", file=sys.stderr)
 
 
-# Checkpoints written before 2026-11-28 hold the fused q/k/v/gate projection without the rows that
-# now pad it to a multiple of 8 (`model.layers.Attention`): weights can be read (padded with zero
-# rows, which the model never reads), training state cannot (optimizer moments of the old shape).
-_QKVG = "attn.qkvg.weight"
-
-
-def _unpadded_qkvg(saved: dict, state: dict) -> dict[tuple[str, str], torch.Size]:
-    """{(section, name): saved shape} of the qkvg weights in `state` that a checkpoint, whose
-    metadata per key is `saved`, holds unpadded."""
-    found = {}
-    for section, tensors in state.items():
-        if not isinstance(tensors, dict):
-            continue
-        for name, tensor in tensors.items():
-            meta = saved.get(f"{section}.{name}")
-            if (name.endswith(_QKVG) and meta is not None and len(meta.size) == 2
-                    and meta.size[0] < tensor.shape[0] and meta.size[1] == tensor.shape[1]):
-                found[(section, name)] = meta.size
-    return found
-
-
 def _load_one(path: Path, model, optimizer, ema: dict | None, rank: int) -> tuple[int, dict]:
     state = _train_state(model, optimizer, ema, 0)
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    old = _unpadded_qkvg(saved, {"model": state["model"]})
-    if old:
-        (_, name), shape = next(iter(old.items()))
-        raise CheckpointError(
-            f"{path} was written before the q/k/v/gate projection was padded to a multiple of 8 "
-            f"rows ({name}: {shape[0]} saved, {state['model'][name].shape[0]} now): its weights "
-            "load in `prefixlm eval`, `generate` and `export`, but training cannot resume from it")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, checkpoint_id=str(path))
@@ -241,19 +208,12 @@ def load_model_weights(path: str | Path, model, use_ema: bool = True) -> bool:
     has_ema = any(key.startswith("ema.") for key in metadata.state_dict_metadata)
     if use_ema and has_ema:
         state["ema"] = {name: p.detach().clone() for name, p in model.named_parameters()}
-    old = _unpadded_qkvg(metadata.state_dict_metadata, state)
-    for (section, name), shape in old.items():  # read the saved rows; the padding rows stay 0
-        state[section][name] = state[section][name].new_zeros(shape)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(state, checkpoint_id=str(path), no_dist=True)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
-    for (section, name), shape in old.items():
-        padded = torch.zeros_like(model.get_parameter(name))
-        padded[:shape[0]] = state[section][name]
-        state[section][name] = padded
     model.load_state_dict(state["model"])
     if "ema" in state:
         with torch.no_grad():
@@ -261,3 +221,34 @@ def load_model_weights(path: str | Path, model, use_ema: bool = True) -> bool:
                 param.copy_(state["ema"][name])
         return True
     return False
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory, its checkpoints/ folder, or one step_* directory -> a committed step."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if (path / COMMIT).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"no complete checkpoint in {path} (looked for step_*/{COMMIT})")
+
+
+def load_trained(path: str | Path, use_ema: bool | None = None, device="cpu",
+                 backend: str = "auto"):
+    """(model in eval mode with attention `backend`, its run config, its tokenizer, the
+    checkpoint directory) from a run directory or a checkpoint."""
+    ckpt = resolve_checkpoint(path)
+    config_file = ckpt / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"{ckpt} has no config.yaml")
+    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    cfg.attention_backend = backend
+    model = PrefixLM(cfg.model, backend=backend)
+    load_model_weights(ckpt, model, use_ema=cfg.use_ema if use_ema is None else use_ema)
+    tok_dir = ckpt / "tokenizer"
+    tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.tokenizer)
+    return model.to(device).eval(), cfg, tokenizer, ckpt

@@ -16,7 +16,10 @@ import yaml
 
 from ..model.config import PRESETS, ModelConfig, preset_config
 
-__all__ = ["TrainConfig", "load_config", "parse_overrides", "save_config"]
+__all__ = ["TrainConfig", "load_config", "parse_overrides", "save_config", "config_from_dict",
+           "RUNTIME_KEYS"]
+
+RUNTIME_KEYS = ("attention_backend",)
 
 
 @dataclass
@@ -25,6 +28,9 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=lambda: preset_config("tiny"))
     run_dir: str = "runs/default"
+    # Which attention backend the layers call: a run-time choice, not saved with the weights
+    # (`prefixlm.attention.backend_names()`; generate/eval/export pick their own).
+    attention_backend: str = "auto"
     # Data: "" trains on the built-in synthetic task; else a JSONL file or a prepared dataset dir.
     data: str = ""
     eval_data: str = ""          # JSONL or prepared dir; "" with synthetic data: its held-out split
@@ -60,8 +66,8 @@ class TrainConfig:
     # split, and spinning OpenMP threads slow down badly on a busy machine), else torch's default.
     max_threads: int = 0
     # FSDP2 (torchrun): consecutive blocks per sharding unit. Each unit costs the host a pre-forward
-    # hook and collective launches; with one block per unit the L model's 2-GPU forward waited on
-    # the host (0.82x one GPU's tokens/s per GPU, 6 blocks: 0.93x; BENCHMARKS.md).
+    # hook and collective launches, so units of one block leave a multi-GPU forward waiting on the
+    # host (BENCHMARKS.md, "Training, 2 GPUs", measures the unit size).
     fsdp_blocks_per_unit: int = 6
 
     def validate(self) -> "TrainConfig":
@@ -76,6 +82,11 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        from ..attention import backend_names  # here: reading a config needs no torch or triton
+
+        if self.attention_backend not in backend_names():
+            raise ValueError(f"attention_backend must be one of {', '.join(backend_names())}, "
+                             f"got {self.attention_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.context_size > self.capacity:
@@ -85,6 +96,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_saved_dict(self) -> dict:
+        """What a checkpoint records: every key but the run-time choices (RUNTIME_KEYS), which
+        whoever loads the weights makes again."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_KEYS}
 
 
 def _convert(key: str, value, kind):
@@ -188,8 +204,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return cfg.validate()
 
 
-def save_config(cfg: TrainConfig, path: str | Path):
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(cfg: TrainConfig, path: str | Path, runtime: bool = True):
+    """The config as YAML; `runtime=False` leaves out RUNTIME_KEYS (checkpoints)."""
+    values = cfg.to_dict() if runtime else cfg.to_saved_dict()
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
 
 
 def config_from_dict(values: dict) -> TrainConfig:

@@ -88,14 +88,6 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj, src: int = 0):
-    if not torch_dist.is_initialized():
-        return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def reshard_all(model) -> None:
     """Free the gathered parameters of every FSDP2 unit (after forwards without a backward)."""
     from torch.distributed.fsdp import FSDPModule

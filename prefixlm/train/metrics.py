@@ -10,6 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.loader import IGNORE_INDEX
+from ..devices import to_device
+
 __all__ = ["batch_stats", "MetricsLog", "peak_flops"]
 
 
@@ -25,25 +28,19 @@ def batch_stats(logits: torch.Tensor, labels: torch.Tensor, info,
     """
     capacity = labels.shape[0]
     # Row -> sample map, padding rows -> `slots`. Built with numpy: torch's CPU ops on these small
-    # host tensors wake the intra-op thread pool, which on a GPU box held the host 4-17 ms per
-    # step while the GPU waited (H200 trace, BENCHMARKS.md).
+    # host tensors wake the intra-op thread pool, which holds the host for milliseconds while the
+    # GPU waits.
     lens = info.host_lens.numpy()
     sample_of = np.full(capacity, info.slots, dtype=np.int64)
     sample_of[:info.total] = np.repeat(np.arange(info.slots), lens[0] + lens[1])
-    sample_of = torch.from_numpy(sample_of)
-    if labels.is_cuda:
-        # Pinned and asynchronous: a plain copy from pageable memory would wait for the whole
-        # forward to finish before the backward is even queued.
-        sample_of = sample_of.pin_memory().to(labels.device, non_blocking=True)
-    else:
-        sample_of = sample_of.to(labels.device)
+    sample_of = to_device(torch.from_numpy(sample_of), labels.device)
     if rows is None:
         logits = logits[:capacity]
     else:
         labels, sample_of = labels[rows], sample_of[rows]
     logits = logits.float()
-    supervised = labels != -100
-    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    supervised = labels != IGNORE_INDEX
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     wrong = supervised & (logits.argmax(-1) != labels)
     per_sample = torch.zeros(info.slots + 1, 2, device=labels.device, dtype=torch.long)
     per_sample.index_add_(0, sample_of, torch.stack([supervised, wrong], 1).long())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.loader import IGNORE_INDEX
 from ..model import PrefixLM
 from ..model.flops import step_flops, useful_pairs
 from . import checkpoint as ckpt
@@ -85,8 +86,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model, step: int):
         decay = min(self.decay, (1 + step) / (10 + step))
-        # On the local shards: a foreach op over DTensors goes through DTensor's Python dispatch
-        # (4.5 ms of host time per step on the L model over 2 GPUs, while the GPU idled).
+        # On the local shards: a foreach op over DTensors goes through DTensor's Python dispatch,
+        # milliseconds of host time per step while the GPU idles.
         params = [_local(p.detach()).float() for p in model.parameters()]
         torch._foreach_lerp_([_local(self.shadow[n]) for n in self.names], params, 1 - decay)
 
@@ -156,7 +157,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         # Same seed on every rank: FSDP2 shards one identical initialisation.
         torch.manual_seed(cfg.seed)
-        model = PrefixLM(cfg.model).to(self.device)
+        model = PrefixLM(cfg.model, backend=cfg.attention_backend).to(self.device)
         if cfg.compile:
             for block in model.all_blocks():
                 block.compile(dynamic=False)
@@ -185,7 +186,7 @@ class Trainer:
 
     def _write_extra(self, directory: Path):
         """A checkpoint is self-contained: generate / eval / export need only its directory."""
-        save_config(self.cfg, directory / "config.yaml")
+        save_config(self.cfg, directory / "config.yaml", runtime=False)
         if self.tokenizer is not None:
             (directory / "tokenizer").mkdir(exist_ok=True)
             self.tokenizer.save(directory / "tokenizer")
@@ -204,7 +205,7 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self, batches: list) -> dict:
         model, cfg = self.model, self.cfg
-        local_tokens = sum((b.labels != -100).sum() for b in batches)
+        local_tokens = sum((b.labels != IGNORE_INDEX).sum() for b in batches)
         global_tokens = all_reduce(local_tokens.to(torch.float32))
         scale = self.dist.world_size / global_tokens.clamp(min=1)
         totals = torch.zeros(len(_STAT_KEYS), device=self.device, dtype=torch.float64)
@@ -235,7 +236,7 @@ class Trainer:
             raise ValueError(
                 f"the batches' supervised_rows list {int(values['tokens'])} supervised rows but "
                 f"their labels have {int(global_tokens.item())}: supervised_rows must hold every "
-                "row whose label is not -100 (or be None)")
+                f"row whose label is not {IGNORE_INDEX} (or be None)")
         loss = values["ce_sum"] / max(values["tokens"], 1)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)

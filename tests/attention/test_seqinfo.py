@@ -1,11 +1,13 @@
-"""SeqInfo construction and the input checks of prefixlm_attention."""
+"""SeqInfo construction and validation, BatchMeta and the per-batch cache."""
+
+import gc
 
 import numpy as np
 import pytest
 import torch
 
-from prefixlm import SeqInfo, prefixlm_attention
-from prefixlm.attention import resolve_backend
+from prefixlm import SeqInfo
+from prefixlm.attention.seqinfo import _BATCH_CACHES, BatchMeta, batch_cache
 
 
 def test_from_lengths_accepts_lists_arrays_tensors():
@@ -65,80 +67,10 @@ def test_invalid_cu_seqlens(cu, prefix, message):
         SeqInfo.from_cu_seqlens(cu, prefix)
 
 
-def _qkv(rows=8, hq=2, hkv=2, d=16, dtype=torch.float32, device="cpu"):
-    return (torch.randn(rows, hq, d, dtype=dtype, device=device),
-            torch.randn(rows, hkv, d, dtype=dtype, device=device),
-            torch.randn(rows, hkv, d, dtype=dtype, device=device))
-
-
-@pytest.mark.parametrize("mutate, message", [
-    (lambda q, k, v: (q[0], k, v), "must be \\(T, heads, head_dim\\)"),
-    (lambda q, k, v: (q, k.half(), v), "share a dtype"),
-    (lambda q, k, v: (q.long(), k.long(), v.long()), "floating point"),
-    (lambda q, k, v: (q, k[:, :1], v), "same shape"),
-    (lambda q, k, v: (q[:6], k[:6], v[:6]), "needs info.capacity = 8"),
-    (lambda q, k, v: (q[:, :, :8], k, v), "same head_dim"),
-    (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), "multiple of key/value heads"),
-    (lambda q, k, v: (q.to("meta"), k.to("meta"), v.to("meta")), "one device"),
-])
-def test_bad_inputs_raise(mutate, message):
-    """Guards shapes, dtypes and devices that no backend can run reaching a kernel."""
-    info = SeqInfo.from_lengths([3, 2], [1, 2], capacity=8)
-    with pytest.raises(ValueError, match=message):
-        prefixlm_attention(*mutate(*_qkv()), info, backend="sdpa")
-
-
-def test_unknown_and_unavailable_backends_explain_why():
-    """Guards a typo or a missing optional kernel turning into a crash instead of a reason."""
-    info = SeqInfo.from_lengths([3], [1])
-    q, k, v = _qkv(rows=4)
-    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
-        prefixlm_attention(q, k, v, info, backend="fast")
-    with pytest.raises(NotImplementedError, match="fa3"):
-        prefixlm_attention(q, k, v, info, backend="fa3")  # no FlashAttention-3 / no GPU here
-
-
-def test_auto_picks_sdpa_on_cpu():
-    """Guards the documented auto rule on CPU (the portable path)."""
-    q, k, v = _qkv()
-    assert resolve_backend("auto", q, k, v).NAME == "sdpa"
-
-
-def test_auto_rule_by_shape_class(monkeypatch):
-    """Guards the documented auto rule (README, registry): on an sm90 GPU, training on long
-    head-dim-128 batches goes to cudnn first, other training to triton, forward-only calls to fa3.
-    Fake CUDA tensors stand in for a GPU: the rule reads only static properties."""
-    from types import SimpleNamespace
-
-    from prefixlm.attention import registry
-
-    monkeypatch.setattr(registry, "_is_sm90", lambda index: True)
-
-    def fake(rows, head_dim, grad):
-        return SimpleNamespace(device=torch.device("cuda", 0), shape=(rows, 8, head_dim),
-                               requires_grad=grad)
-
-    def cls(rows, head_dim, grad):
-        t = fake(rows, head_dim, grad)
-        return registry.auto_class(t, t, t)
-
-    assert cls(65536, 128, True) == "cuda_sm90_train_hd128_long"
-    assert registry.AUTO_ORDER[cls(65536, 128, True)][0] == "cudnn"
-    assert registry.AUTO_ORDER[cls(16384, 128, True)][0] == "triton"
-    assert registry.AUTO_ORDER[cls(65536, 64, True)][0] == "triton"
-    assert registry.AUTO_ORDER[cls(65536, 128, False)][0] == "fa3"
-    with torch.no_grad():
-        assert cls(65536, 128, True) == "cuda_forward"
-    monkeypatch.setattr(registry, "_is_sm90", lambda index: False)
-    assert cls(65536, 128, True) == "cuda_train"
-
-
 def test_batch_meta_trims_padding_slots_and_is_cached_per_batch():
     """Guards the host summary the op builds on every call: it must cover the samples up to the
     last non-empty one (not the capacity's padding slots), match the batch exactly, be reused for
     the same batch, and not be reused for another batch or after host_lens changes."""
-    from prefixlm.attention import BatchMeta
-
     a = SeqInfo.from_lengths([3, 0, 2, 0], [1, 0, 0, 0], capacity=64)
     b = SeqInfo.from_lengths([5], [7], capacity=64)
     meta_a, meta_b = BatchMeta.from_info(a), BatchMeta.from_info(b)
@@ -152,3 +84,18 @@ def test_batch_meta_trims_padding_slots_and_is_cached_per_batch():
         meta_b.prefix_host[0] = 1                                        # shared: read-only
     empty = BatchMeta.from_info(SeqInfo.from_lengths([0], [0], capacity=4))
     assert empty.used_slots == 0 and empty.total == 0
+
+
+def test_batch_cache_is_per_batch_and_freed_with_it():
+    """Guards per-batch derived data (block masks, tile schedules, dense tiles: device memory)
+    being shared between batches or outliving them: one dict per batch, reached from the SeqInfo
+    and from its host_lens alike, gone when the batch is."""
+    a = SeqInfo.from_lengths([3, 1], [2, 0], capacity=16)
+    b = SeqInfo.from_lengths([3, 1], [2, 0], capacity=16)
+    assert a.cached("x", lambda: object()) is batch_cache(a.host_lens)["x"]
+    assert "x" not in batch_cache(b.host_lens)
+    assert BatchMeta.from_info(a).cached("y", lambda: 1) == 1 and "y" in a._cache
+    ident = id(a.host_lens)
+    del a
+    gc.collect()
+    assert ident not in _BATCH_CACHES

@@ -13,8 +13,8 @@ VOCAB = 61
 def _model(backend="reference", seed=0, **overrides):
     torch.manual_seed(seed)
     cfg = preset_config("tiny", vocab_size=VOCAB, hidden=64, heads=4, kv_heads=2, ffn_hidden=96,
-                        attention_backend=backend, **overrides)
-    return PrefixLM(cfg).double()
+                        **overrides)
+    return PrefixLM(cfg, backend=backend).double()
 
 
 def _batch(prefix, causal, capacity, seed=0):
@@ -181,9 +181,8 @@ def test_qkv_views_have_16_byte_aligned_rows(monkeypatch):
         return attention(q, k, v, info, backend=backend)
 
     torch.manual_seed(0)
-    cfg = preset_config("tiny", vocab_size=VOCAB, hidden=64, heads=4, kv_heads=2, ffn_hidden=96,
-                        attention_backend="sdpa")
-    model = PrefixLM(cfg).to(torch.bfloat16)
+    cfg = preset_config("tiny", vocab_size=VOCAB, hidden=64, heads=4, kv_heads=2, ffn_hidden=96)
+    model = PrefixLM(cfg, backend="sdpa").to(torch.bfloat16)
     monkeypatch.setattr(layers, "prefixlm_attention", spy)
     ids, pos, info = _batch(PREFIX, CAUSAL, CAPACITY)
     model(ids, pos, info).float().square().mean().backward()

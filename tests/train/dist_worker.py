@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the tests folder: trainhelpers
 
 from prefixlm.train.config import load_config  # noqa: E402
 from prefixlm.train.distributed import setup, teardown  # noqa: E402
-from prefixlm.train.synthetic import make_samples  # noqa: E402
+from prefixlm.data.synthetic import make_samples  # noqa: E402
 from prefixlm.train.trainer import Trainer  # noqa: E402
 from trainhelpers import ListLoader, encode  # noqa: E402
 
 DIST_CONFIG = ["model.hidden=32", "model.heads=2", "model.layers=2", "model.ffn_hidden=64",
                "model.vocab_size=258", "capacity=256", "context_size=64", "lr=1e-2",
                "warmup_steps=2", "ema_decay=0.9", "progress=false", "tensorboard=false",
-               "log_every=1", "steps=4", "ckpt_every=4", "model.attention_backend=sdpa"]
+               "log_every=1", "steps=4", "ckpt_every=4", "attention_backend=sdpa"]
 
 
 def run(out: str, run_dir: str, grad_accum: int, dist=None, extra=()):

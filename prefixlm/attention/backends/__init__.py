@@ -1,0 +1,1 @@
+"""Attention backends; `..registry` lists them and their protocol."""

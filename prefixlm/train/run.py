@@ -1,0 +1,200 @@
+"""A training run end to end: its data, its trainer, the loop, the final checkpoint and evaluation.
+
+Data: the run's `data` setting -> JSONL -> prepare_sft -> V1Dataset -> PackedLoader. `data=""`
+writes the built-in synthetic task (train and held-out JSONL) into <run_dir>/data first.
+Preparation runs on rank 0 once per run directory (a resumed run reuses it), the others wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..attention import SeqInfo
+from ..data.dataset import V1Dataset
+from ..data.loader import IGNORE_INDEX, PackedLoader
+from ..data.prepare import prepare_sft
+from ..data.synthetic import make_split, write_jsonl
+from .checkpoint import complete_checkpoints
+from .config import TrainConfig
+from .distributed import Dist, barrier, setup, teardown
+from .trainer import NonFiniteLossError, Trainer
+
+__all__ = ["RunData", "RunError", "build_data", "eval_batches_from", "run_eval_source",
+           "prepared_dataset", "run_training"]
+
+
+class RunError(ValueError):
+    """A run that cannot start or go on, for a reason the user can fix (the message says how)."""
+
+
+class RunData:
+    def __init__(self, train_loader, eval_dataset, tokenizer, train_path, eval_path):
+        self.train_loader = train_loader
+        self.eval_dataset = eval_dataset
+        self.tokenizer = tokenizer
+        self.train_path = train_path
+        self.eval_path = eval_path
+
+
+def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Dist,
+                     name: str) -> Path:
+    """A prepared dataset directory for `path` (JSONL file or already prepared directory)."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    # The prepared copy is named after everything it depends on, so editing the JSONL or changing
+    # the tokenizer / context size prepares afresh instead of reusing a stale copy.
+    stat = path.stat()
+    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(cfg.tokenizer),
+                      cfg.context_size, cfg.seed])
+    target = out_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    if dist.is_main and not (target / "metadata.json").exists():
+        prepare_sft([str(path)], str(target), tokenizer=cfg.tokenizer,
+                    context_size=cfg.context_size, seed=cfg.seed, progress=cfg.progress,
+                    log=lambda message: None)
+    barrier()
+    return target
+
+
+def build_data(cfg: TrainConfig, dist: Dist) -> RunData:
+    data_dir = Path(cfg.run_dir) / "data"
+    train_src, eval_src = cfg.data, cfg.eval_data
+    if not train_src:
+        tag = f"{cfg.synthetic_train}-{cfg.synthetic_eval}-{cfg.seed}"
+        train_src = data_dir / f"synthetic-train-{tag}.jsonl"
+        default_eval = data_dir / f"synthetic-heldout-{tag}.jsonl"
+        if dist.is_main and not train_src.exists():
+            train_samples, held_out = make_split(cfg.synthetic_train, cfg.synthetic_eval, cfg.seed)
+            write_jsonl(held_out, default_eval)
+            write_jsonl(train_samples, train_src)
+        barrier()
+        eval_src = eval_src or default_eval
+    train_dir = prepared_dataset(train_src, data_dir, cfg, dist, "train")
+    dataset = V1Dataset(str(train_dir))
+    tokenizer = dataset.tokenizer()
+    loader = PackedLoader(dataset, cfg.capacity, rank=dist.rank, world_size=dist.world_size,
+                          seed=cfg.seed, device=dist.device)
+    eval_dataset = None
+    if eval_src:
+        eval_dataset = V1Dataset(str(prepared_dataset(eval_src, data_dir, cfg, dist, "heldout")))
+    return RunData(loader, eval_dataset, tokenizer, train_dir, eval_src)
+
+
+def eval_batches_from(dataset, cfg: TrainConfig, device, max_samples: int = 0):
+    """A callable giving one pass over the held-out set. Every rank evaluates the whole set (same
+    forward passes everywhere, as FSDP2's collectives require); results are not summed."""
+    def batches():
+        loader = PackedLoader(dataset, cfg.capacity, rank=0, world_size=1, seed=cfg.seed,
+                              device=device, prefetch=0)
+        count = loader.batches_per_epoch
+        out, seen = [], 0
+        for batch in loader:
+            if max_samples and seen + batch.info.num_samples > max_samples:
+                batch = _first_samples(batch, max_samples - seen)
+            out.append(batch)
+            seen += batch.info.num_samples
+            if len(out) == count or (max_samples and seen >= max_samples):
+                break
+        return out
+
+    return batches
+
+
+def run_eval_source(cfg: TrainConfig, run_dir: str | Path | None = None) -> str | None:
+    """The held-out data a run was configured with (its synthetic split by default)."""
+    if cfg.eval_data:
+        return cfg.eval_data
+    if not cfg.data:
+        tag = f"{cfg.synthetic_train}-{cfg.synthetic_eval}-{cfg.seed}"
+        path = Path(run_dir or cfg.run_dir) / "data" / f"synthetic-heldout-{tag}.jsonl"
+        return str(path) if path.is_file() else None
+    return None
+
+
+def _first_samples(batch, keep: int):
+    """The batch with only its first `keep` samples (the rest become padding)."""
+    info = batch.info
+    prefix, causal = info.prefix_host()[:keep], info.causal_host()[:keep]
+    end = int((prefix + causal).sum())
+    labels = batch.labels.clone()
+    labels[end:] = IGNORE_INDEX
+    new_info = SeqInfo.from_lengths(prefix, causal, capacity=info.capacity, device=info.device,
+                                    max_samples=info.slots)
+    return type(batch)(batch.inputs, labels, batch.position_ids, new_info)
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | None = None,
+                 overwrite: bool = False) -> dict:
+    """Train `cfg` to its last step (resuming or starting over as asked), save the final
+    checkpoint and evaluate on the held-out data. Prints progress on rank 0; returns
+    {"checkpoint", "eval" (or None), "elapsed_s"}."""
+    dist = setup(cfg.device)
+    if cfg.max_threads:
+        torch.set_num_threads(cfg.max_threads)
+    elif dist.device.type == "cpu" and cfg.model.hidden <= 256:
+        torch.set_num_threads(1)
+    try:
+        ckpt_root = Path(cfg.run_dir) / "checkpoints"
+        existing = complete_checkpoints(ckpt_root)
+        if overwrite and dist.is_main:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            (Path(cfg.run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+            existing = []
+        if existing and not (resume or resume_from) and not overwrite:
+            raise RunError(f"{cfg.run_dir} already holds checkpoints (newest {existing[-1].name}); "
+                           f"pass --resume to continue it, --overwrite to start over, or "
+                           f"run_dir=OTHER")
+        started = time.perf_counter()
+        data = build_data(cfg, dist)
+        vocab = data.tokenizer.vocab_size
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = vocab
+        elif cfg.model.vocab_size < vocab:
+            raise RunError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the "
+                           f"tokenizer's {vocab}")
+        eval_batches = None
+        if data.eval_dataset is not None:
+            eval_batches = eval_batches_from(data.eval_dataset, cfg, dist.device,
+                                             cfg.eval_max_samples)
+        trainer = Trainer(cfg, dist, data.train_loader, eval_batches=eval_batches,
+                          tokenizer=data.tokenizer)
+        say = print if dist.is_main else (lambda *a, **k: None)
+        say(f"prefixlm train: {cfg.model.preset} model ({cfg.model.arch}, "
+            f"{trainer.model.num_params() / 1e6:.2f}M params) on {dist.device} x{dist.world_size}, "
+            f"{cfg.steps} steps of {cfg.capacity * cfg.grad_accum * dist.world_size} tokens; "
+            f"data {data.train_path}; logs {Path(cfg.run_dir) / 'metrics.jsonl'}", flush=True)
+        if resume or resume_from:
+            if complete_checkpoints(ckpt_root) or resume_from:
+                path = trainer.resume(resume_from)
+                say(f"resumed from {path} (step {trainer.step})", flush=True)
+            else:
+                say(f"no checkpoint in {ckpt_root} yet: starting from step 0", flush=True)
+        try:
+            trainer.fit()
+        except NonFiniteLossError as exc:
+            raise RunError(str(exc)) from None
+        if trainer.last_checkpoint is None or trainer.step != int(
+                trainer.last_checkpoint.name.split("_")[1]):
+            trainer.save()
+        result = trainer.evaluate()
+        trainer.close()
+        elapsed = time.perf_counter() - started
+        if result is not None:
+            weights = "EMA weights" if trainer.ema is not None and cfg.use_ema else "weights"
+            say(f"held-out exact match: {100 * result['exact_match']:.1f}% of "
+                f"{result['samples']} samples (token accuracy {100 * result['token_acc']:.1f}%, "
+                f"loss {result['loss']:.3f}, {weights})")
+        say(f"checkpoint: {trainer.last_checkpoint}")
+        say(f"done in {elapsed:.0f}s. Try: prefixlm generate --checkpoint {cfg.run_dir} "
+            f"--prompt \"reverse hello\"")
+        return {"checkpoint": trainer.last_checkpoint, "eval": result, "elapsed_s": elapsed}
+    finally:
+        teardown()

@@ -1,0 +1,77 @@
+"""`prefixlm_attention`'s input checks and errors, and `decode_attention`."""
+
+import pytest
+import torch
+
+from prefixlm import SeqInfo, prefixlm_attention
+from prefixlm.attention import decode_attention, reference_attention
+
+
+def _qkv(rows=8, hq=2, hkv=2, d=16, dtype=torch.float32, device="cpu"):
+    return (torch.randn(rows, hq, d, dtype=dtype, device=device),
+            torch.randn(rows, hkv, d, dtype=dtype, device=device),
+            torch.randn(rows, hkv, d, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda q, k, v: (q[0], k, v), "must be \\(T, heads, head_dim\\)"),
+    (lambda q, k, v: (q, k.half(), v), "share a dtype"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), "floating point"),
+    (lambda q, k, v: (q, k[:, :1], v), "same shape"),
+    (lambda q, k, v: (q[:6], k[:6], v[:6]), "needs info.capacity = 8"),
+    (lambda q, k, v: (q[:, :, :8], k, v), "same head_dim"),
+    (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), "multiple of key/value heads"),
+    (lambda q, k, v: (q.to("meta"), k.to("meta"), v.to("meta")), "one device"),
+])
+def test_bad_inputs_raise(mutate, message):
+    """Guards shapes, dtypes and devices that no backend can run reaching a kernel."""
+    info = SeqInfo.from_lengths([3, 2], [1, 2], capacity=8)
+    with pytest.raises(ValueError, match=message):
+        prefixlm_attention(*mutate(*_qkv()), info, backend="sdpa")
+
+
+def test_unknown_and_unavailable_backends_explain_why():
+    """Guards a typo or a missing optional kernel turning into a crash instead of a reason."""
+    info = SeqInfo.from_lengths([3], [1])
+    q, k, v = _qkv(rows=4)
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        prefixlm_attention(q, k, v, info, backend="fast")
+    with pytest.raises(NotImplementedError, match="fa3"):
+        prefixlm_attention(q, k, v, info, backend="fa3")  # no FlashAttention-3 / no GPU here
+
+
+def test_zero_heads_and_zero_head_dim_raise_value_error():
+    """Guards raw errors from deep inside a backend for degenerate shapes."""
+    info = SeqInfo.from_lengths([2], [1])
+    for shape in ((3, 0, 16), (3, 2, 0)):
+        q = torch.zeros(*shape)
+        with pytest.raises(ValueError, match="at least one head"):
+            prefixlm_attention(q, q, q, info, backend="sdpa")
+
+
+def test_empty_batch_differentiates_through_the_reference():
+    """Guards `backend="reference"` on a batch without tokens: its output (all padding, all zero)
+    must still be attached to q, so a training step on it can call backward."""
+    info = SeqInfo.from_lengths([0, 0], [0, 0], capacity=4)
+    q = torch.randn(4, 2, 8, requires_grad=True)
+    out = prefixlm_attention(q, q, q, info, backend="reference")
+    assert out.eq(0).all()
+    out.sum().backward()
+    assert q.grad is not None and q.grad.eq(0).all()
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_decode_attention_equals_the_causal_rows_of_a_full_pass(heads):
+    """Guards the KV-cache decode path: the last tokens' attention against all keys (prefix,
+    earlier causal tokens, themselves) equals those rows of a full PrefixLM pass over the
+    sequence, whatever the prefix length."""
+    torch.manual_seed(0)
+    hq, hkv = heads
+    prefix, causal, new = 5, 4, 3
+    rows = prefix + causal
+    q, k, v = torch.randn(rows, hq, 16), torch.randn(rows, hkv, 16), torch.randn(rows, hkv, 16)
+    full = reference_attention(q, k, v, SeqInfo.from_lengths([prefix], [causal]))
+    out = decode_attention(q[-new:], k, v)
+    torch.testing.assert_close(out, full[-new:], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="queries but only"):
+        decode_attention(q, k[:2], v[:2])

@@ -1,0 +1,134 @@
+"""The user's path end to end: prefixlm train -> generate -> eval -> export, on a tiny run."""
+
+import json
+
+import pytest
+import torch
+
+from prefixlm.cli import main
+
+TINY = ["steps=6", "synthetic_train=300", "synthetic_eval=40", "capacity=512", "model.hidden=32",
+        "model.heads=2", "model.layers=1", "model.ffn_hidden=64", "progress=false",
+        "ckpt_every=3", "log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    assert main(["train", f"run_dir={path}", *TINY]) == 0
+    return path
+
+
+def test_train_writes_config_logs_and_a_self_contained_checkpoint(run_dir, capsys):
+    """Guards a run that leaves no usable artefacts: resolved config, JSONL metrics with the
+    promised fields, a committed checkpoint carrying its config and tokenizer."""
+    step = run_dir / "checkpoints" / "step_00000006"
+    assert (step / "COMMIT").is_file() and (step / "config.yaml").is_file()
+    assert (step / "tokenizer" / "tokenizer.json").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    for key in ("loss", "token_acc", "exact_acc", "grad_norm", "lr", "supervised_tokens",
+                "tokens_per_s"):
+        assert key in train[-1], key
+    assert records[-1]["kind"] == "eval" and 0 <= records[-1]["exact_match"] <= 1
+
+
+def test_existing_run_needs_resume_and_resume_continues(run_dir, capsys):
+    """Guards silently overwriting a run, and --resume restarting from 0."""
+    assert main(["train", f"run_dir={run_dir}", *TINY]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--resume", f"run_dir={run_dir}", *TINY, "steps=8"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step 6" in out
+    assert "step_00000008" in out
+
+
+def test_unknown_key_is_a_user_error(tmp_path, capsys):
+    """Guards a traceback (or a silent default) for a typo on the command line."""
+    assert main(["train", f"run_dir={tmp_path}", "stepz=3"]) == 2
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_generate_with_and_without_cache_agree(run_dir, capsys):
+    """Guards the CLI's cached decoding drifting from full recomputation."""
+    args = ["generate", "--checkpoint", str(run_dir), "--prompt", "reverse abc",
+            "--prompt", "sum 123", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    cached = capsys.readouterr().out
+    assert main(args + ["--no-cache"]) == 0
+    assert capsys.readouterr().out == cached
+    assert cached.count("\n") == 2
+
+
+def test_eval_reports_exact_match(run_dir, capsys):
+    """Guards eval not finding the run's held-out split or miscounting samples (all of them, or
+    exactly --max-samples)."""
+    assert main(["eval", "--checkpoint", str(run_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["samples"] == 40 and 0 <= result["exact_match"] <= 1
+    assert main(["eval", "--checkpoint", str(run_dir), "--json", "--max-samples", "7"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 7
+
+
+def test_export_round_trips_the_weights(run_dir, tmp_path):
+    """Guards an export that loads into a different model (missing keys, wrong config, raw
+    weights instead of EMA): logits of the export equal the checkpoint's."""
+    from prefixlm.data.tokenizer import load_tokenizer
+    from prefixlm.hf.export import load_exported, seqinfo_from_token_type_ids
+    from prefixlm.train.checkpoint import load_trained
+
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["token_type_ids"] == {"prefix": 0, "response": 1}
+    exported = load_exported(out)
+    trained, _, _, _ = load_trained(run_dir)
+    tok = load_tokenizer(str(out))
+    prompt = tok.encode_prefix("sort 321")
+    ids = prompt + tok.encode_response("123")[:-1]
+    info = seqinfo_from_token_type_ids([0] * len(prompt) + [1] * (len(ids) - len(prompt)))
+    args = (torch.tensor(ids), torch.arange(len(ids)), info)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(*args), trained(*args))
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 2
+
+
+def test_overrides_on_both_sides_of_an_option(tmp_path, capsys):
+    """Guards `train a=1 --print-config b=2` failing in argparse (a positional list stops at the
+    first option): both overrides must reach the config; a stray non-override is still an error."""
+    assert main(["train", "steps=7", "--print-config", "model.hidden=48"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "hidden: 48" in out
+    with pytest.raises(SystemExit):
+        main(["train", "steps=7", "--print-config", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_a_run_trained_with_triton_generates_on_the_cpu(tmp_path, capsys):
+    """Guards the attention backend being model state: a run pinned to `triton` (here under the
+    Triton interpreter) must leave a checkpoint that records no backend and generates on a plain
+    CPU with `auto`, while asking for triton there is a one-line error."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    run = tmp_path / "run"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    args = ["train", f"run_dir={run}", "attention_backend=triton", "device=cpu", "steps=2",
+            "synthetic_train=60", "synthetic_eval=4", "capacity=256", "context_size=64",
+            "model.hidden=64", "model.heads=2", "model.layers=1", "model.ffn_hidden=64",
+            "progress=false", "tensorboard=false"]
+    done = subprocess.run([sys.executable, "-m", "prefixlm", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = (run / "checkpoints" / "step_00000002" / "config.yaml").read_text()
+    assert "attention_backend" not in saved
+    assert "attention_backend: triton" in (run / "config.yaml").read_text()  # the run's record
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "reverse abc",
+                 "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "x",
+                 "--attention-backend", "triton"]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
