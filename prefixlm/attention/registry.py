@@ -28,6 +28,7 @@ _MODULES = {
     "fa3": "fa3",
     "triton": "triton_backend",
     "cudnn": "cudnn",
+    "cudnn_flex": "cudnn_flex",
 }
 # Orders by "shape class" (`auto_class`); the first backend that can run the inputs wins.
 AUTO_ORDER = {
