@@ -54,7 +54,8 @@ def fa4_unavailable_reason() -> str | None:
 
 
 def _forward(fa4, q, k, v, meta, scale, passes, with_lse: bool):
-    """Both passes into one output; returns (out, [lse of pass 1 or None, lse of pass 2 or None])."""
+    """Both passes into one output; returns (out, [LSE of pass 1, LSE of pass 2]), None for a
+    pass that did not run or when `with_lse` is off."""
     out = torch.empty_like(q)
     lses = [None, None]
     for i, (name, causal) in enumerate((("prefix", False), ("causal", True))):

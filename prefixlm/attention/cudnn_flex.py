@@ -13,11 +13,11 @@ query i: the visible keys are one interval
             dQ = s dS K, dK = s dS^T Q, dV = P^T dO (dK, dV summed over the G heads).
 
 The library takes the mask as int32 endpoints `mask_func[Hmask, nfunc, total_q]` (visible keys
-[0, F0) U [F1, F2) U ..., sample-local); PrefixLM needs Hmask = 1 (every head) and nfunc = 1 (F0 = F_i
-above). `create_mask_plan` turns them into block-sparse metadata (full tiles run unmasked, the
-diagonal / prefix-end tiles get bit masks) for forward and backward; it reads a small header back to
-the host (one blocking copy per plan in frontend 1.32), so a plan is built once per batch and shared
-by every layer's forward and backward. The plan binds the geometry: its cu_seqlens must end at the
+[0, F0) U [F1, F2) U ..., sample-local); PrefixLM needs Hmask = 1 (every head) and nfunc = 1
+(F0 = F_i above). `create_mask_plan` turns them into block-sparse metadata (full tiles run
+unmasked, the diagonal / prefix-end tiles get bit masks) for forward and backward; it reads a small
+header back to the host (one blocking copy per plan in frontend 1.32), so a plan is built once per
+batch and shared by every layer's forward and backward. The plan binds the geometry: its cu_seqlens must end at the
 rows it is given, so the kernels see the sample rows q[:total] only and the padding tail is zeroed
 here. The op's LSE is one flat (Hq * T) buffer whose first Hq * total entries are the library's
 (Hq, total) LSE (the rest 0).
@@ -28,8 +28,8 @@ backends. `deterministic=True` selects the library's deterministic backward (ord
 
 Plans live in a small LRU keyed by the batch's host lengths and the head geometry: the op sees only
 its tensor arguments, not the SeqInfo. `prepare(info, rows)` builds the batch's plan ahead of the
-layers for every head geometry this process has already run (a model's layers share one), so from the
-second batch on the host sync happens before the layers are queued, not inside the first layer.
+layers for every head geometry this process has already run (a model's layers share one), so from
+the second batch on the host sync happens before the layers are queued, not inside the first one.
 """
 
 from __future__ import annotations

@@ -30,14 +30,16 @@ exact sum_j P_ij dP_ij instead, computed densely: there the 16-bit rounding of o
 Work is key-major: a program holds one key tile of one key/value head (K, V and the fp32 dK, dV
 accumulators) and walks the query tiles that see it, for each of the G query heads of its group in
 turn, so GQA needs no dK/dV reduction buffer. Per query tile it forms S^T = K Q^T and P^T (keys as
-MMA rows, so P^T and dS^T feed dV += P^T dO and dK += dS^T Q from registers), dP^T = V dO^T and dS^T.
+MMA rows, so P^T and dS^T feed dV += P^T dO and dK += dS^T Q from registers), dP^T = V dO^T and
+dS^T.
   deterministic=False (`BwdConfig.atomic_dq`, the fused path): the same program also forms the
     tile's dQ contribution dS K (5 matrix products in all instead of 7) and adds it into an fp32
-    scratch of (total, Hq, D) by a tensor-memory bulk reduce-add (`dq_tma`, sm90: FlashAttention-3's
-    scheme) or by pointer atomics (`dq_tma=False`, and the Triton interpreter, which has no
-    descriptor reduce). The scratch is zeroed by the D pre-kernel and converted (times s) to dQ's
-    dtype by a post-kernel: one extra write and one read+write of 4 * total * Hq * D bytes. The order
-    of the additions varies from run to run: not bitwise reproducible.
+    scratch of (total, Hq, D) by a TMA bulk reduce-add of the whole tile through a tensor
+    descriptor (`dq_tma`, sm90+: FlashAttention-3's scheme) or by per-element atomics
+    (`dq_tma=False`, and always under the Triton interpreter, which has no descriptor reduce). The
+    scratch is zeroed by the D pre-kernel and converted (times s) to dQ's dtype by a post-kernel:
+    one extra write and one read+write of 4 * total * Hq * D bytes (case A: 392 MB, ~0.25 ms). The
+    order of the additions varies from run to run: not bitwise reproducible.
   deterministic=True: dQ comes from a second, query-major kernel without atomics (S, P and dP are
     recomputed there), optionally on a side stream beside the key-major kernel.
 Rows past the last sample are written as zeros (tail slices only).

@@ -72,7 +72,8 @@ def _bwd(q, k, v, out, dout, lse, *, softmax_scale, causal, dq, dk, dv, cu_seqle
         dscores = probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True))
         dq[qa:qa + lq] = (torch.einsum("hij,jhd->ihd", dscores, kf) * softmax_scale).to(dq.dtype)
         fold = lambda t: t.unflatten(1, (hkv, group)).sum(2)  # noqa: E731
-        dk[ka:ka + lk] = fold(torch.einsum("hij,ihd->jhd", dscores, qs) * softmax_scale).to(dk.dtype)
+        dk_tile = torch.einsum("hij,ihd->jhd", dscores, qs) * softmax_scale
+        dk[ka:ka + lk] = fold(dk_tile).to(dk.dtype)
         dv[ka:ka + lk] = fold(torch.einsum("hij,ihd->jhd", probs, dos)).to(dv.dtype)
     return dq, dk, dv
 
