@@ -17,10 +17,10 @@ The library takes the mask as int32 endpoints `mask_func[Hmask, nfunc, total_q]`
 (F0 = F_i above). `create_mask_plan` turns them into block-sparse metadata (full tiles run
 unmasked, the diagonal / prefix-end tiles get bit masks) for forward and backward; it reads a small
 header back to the host (one blocking copy per plan in frontend 1.32), so a plan is built once per
-batch and shared by every layer's forward and backward. The plan binds the geometry: its cu_seqlens must end at the
-rows it is given, so the kernels see the sample rows q[:total] only and the padding tail is zeroed
-here. The op's LSE is one flat (Hq * T) buffer whose first Hq * total entries are the library's
-(Hq, total) LSE (the rest 0).
+batch and shared by every layer's forward and backward. The plan binds the geometry: its
+cu_seqlens must end at the rows it is given, so the kernels see the sample rows q[:total] only and
+the padding tail is zeroed here. The op's LSE is one flat (Hq * T) buffer whose first
+Hq * total entries are the library's (Hq, total) LSE (the rest 0).
 
 The backward takes D_i from the 16-bit O (the library's preprocess kernel), so rows of samples of at
 most 32 tokens get exact fp32 gradients afterwards (`short_samples`), as in the other two-pass
