@@ -120,8 +120,16 @@ import cudnn, cudnn.flex_attention
 print("cudnn frontend", getattr(cudnn, "__version__", "?"), "backend", cudnn.backend_version())
 import flash_attn.cute
 print("flash_attn.cute", flash_attn.cute.__version__, f"{time.time() - t:.1f} s")
-from prefixlm.attention import cudnn_flex
-from prefixlm.attention.bench_anchors import fa4_unavailable_reason
+import importlib
+from prefixlm.attention.registry import BACKENDS
+for name in ("prefixlm.attention.bench_anchors", "prefixlm.bench.anchors",
+             "prefixlm.bench.attention_anchors"):
+    try:
+        fa4_unavailable_reason = importlib.import_module(name).fa4_unavailable_reason
+        break
+    except ImportError:
+        pass
+cudnn_flex = BACKENDS["cudnn_flex"]
 q = torch.zeros(1, 1, 128, dtype=torch.bfloat16, device="cuda")
 print("cudnn_flex:", cudnn_flex.unavailable_reason(q, q, q) or "available")
 print("fa4 anchor:", fa4_unavailable_reason() or "available")
