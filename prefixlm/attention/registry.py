@@ -5,7 +5,7 @@ A backend is a module with:
   USES_OP                                  True: it runs inside the `prefixlm::attention` custom op
   unavailable_reason(inputs) -> str|None   why it cannot run these inputs (None: it can); `inputs`
                                            is an `AttentionInputs` (static properties, no data)
-  prepare(info, rows) -> None              optional: per-batch work done once before the layers
+  prepare(info, inputs) -> None            optional: per-batch work done once before the layers
   op backends (USES_OP):
     lse_shape(q), forward(q, k, v, meta, scale) -> (out, lse),
     backward(dout, q, k, v, out, lse, meta, scale, deterministic) -> (dq, dk, dv)
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from .backends import cudnn, fa3, flex, sdpa, triton
+from .backends import cudnn, cudnn_flex, fa3, flex, sdpa, triton
 
 __all__ = ["AttentionInputs", "BACKENDS", "AUTO_ORDER", "auto_class", "backend_names",
            "op_backend", "resolve_backend"]
@@ -65,7 +65,7 @@ def _register(*modules) -> dict:
     return table
 
 
-BACKENDS = _register(reference, sdpa, flex, fa3, triton, cudnn)
+BACKENDS = _register(reference, sdpa, flex, fa3, triton, cudnn, cudnn_flex)
 
 # Orders by "shape class" (`auto_class`); the first backend that can run the inputs wins.
 AUTO_ORDER = {

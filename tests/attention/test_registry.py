@@ -74,7 +74,7 @@ def test_prepare_attention_resolves_auto_first(monkeypatch):
     there is nothing to prepare."""
     info = SeqInfo.from_lengths([3, 2], [1, 0], capacity=8)
     built = []
-    monkeypatch.setattr(flex, "prepare", lambda info, rows: built.append(rows))
+    monkeypatch.setattr(flex, "prepare", lambda info, inputs: built.append(inputs.rows))
     assert prepare_attention(info, _inputs(rows=8)) == "sdpa" and built == []
     monkeypatch.setitem(registry.AUTO_ORDER, "default", ("flex", "sdpa"))
     assert prepare_attention(info, _inputs(rows=8)) == "flex" and built == [8]
