@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from prefixlm.attention.backends.triton_kernels import BwdConfig, FwdConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's prefixlm
+
+from prefixlm.attention.backends.triton_kernels import BwdConfig, FwdConfig  # noqa: E402
 
 DEFAULT_FWD = "128,128,8,3,3,1,0;256,128,16,3,3,1,0;256,64,16,3,3,1,0"
 # 16 warps: half the accumulator registers per thread of 8 (the 8-warp dK/dV kernel spills; 64-key

@@ -464,9 +464,9 @@ _FWD_CONFIGS: dict = {
 _BWD_CONFIGS: dict = {
     (head_dim, dtype, (9, 0)): cfg
     for dtype in (torch.bfloat16, torch.float16)
-    # hd128: the fused key-major kernel for deterministic=False (5 matrix products per tile pair
-    # instead of 7; not yet timed against the two kernels: bench/gpu_attention_session.sh does).
-    for head_dim, cfg in ((128, BwdConfig(128, 64, 8, 3, 128, 64, 8, 3, True, True, False, True)),
+    # The two kernels for either mode: the fused key-major kernel (atomic_dq) measured slower
+    # (BENCHMARKS.md, "Triton kernel configs").
+    for head_dim, cfg in ((128, BwdConfig(128, 64, 8, 3, 128, 64, 8, 3, False, True, False, True)),
                           (64, BwdConfig(128, 32, 4, 3, 64, 64, 4, 3, False, True, False, True)))
 }
 
@@ -491,9 +491,9 @@ def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> BwdCo
     if cfg is not None:
         return cfg
     if device.type != "cuda":
-        # The interpreter: small tiles, and the paths of the sm90 table (fused for
-        # deterministic=False; its dQ by pointer atomics, the interpreter has no TMA reduce).
-        return BwdConfig(32, 16, 4, 1, 32, 16, 4, 1, True, False, False, False)
+        # The interpreter: small tiles and the sm90 table's paths (the fused path's dQ by pointer
+        # atomics when asked for: the interpreter has no descriptor reduce).
+        return BwdConfig(32, 16, 4, 1, 32, 16, 4, 1, False, False, False, False)
     return BwdConfig()
 
 
@@ -547,17 +547,17 @@ def tma_compatible(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-_ALLOCATOR_SET = False
+def _scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8,
+                       device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
 
 
 def _ensure_allocator():
-    """On-device tensor descriptors need scratch memory from an allocator Triton can call."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(
-            size, dtype=torch.int8, device=torch.cuda.current_device()
-            if torch.cuda.is_available() else "cpu"))
-        _ALLOCATOR_SET = True
+    """On-device tensor descriptors need scratch memory from an allocator Triton can call. Triton
+    keeps the allocator in a context variable, which a new thread does not inherit: the autograd
+    engine runs the backward on a thread of its own, so it is set before every launch that needs
+    it (a cheap assignment), not once per process."""
+    triton.set_allocator(_scratch)
 
 
 def prefixlm_attention_fwd(q, k, v, meta, softmax_scale: float, config: FwdConfig | None = None):

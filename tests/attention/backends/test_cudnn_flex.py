@@ -413,7 +413,7 @@ def test_gpu_deterministic_50_reruns():
 @pytest.mark.gpu
 def test_gpu_opcheck_and_plan_reuse():
     """The op's contract with this backend (schema, fake shapes of out and the flat LSE, autograd,
-    repeated runs equal), and one plan per batch across repeated calls."""
+    repeated runs equal), and one plan per batch across repeated calls of one batch."""
     from prefixlm.attention.op import attention_op
 
     case = make_case("edge_mix", SESSION_SEED + 13, num_q_heads=8, num_kv_heads=8, head_dim=128,
@@ -422,8 +422,14 @@ def test_gpu_opcheck_and_plan_reuse():
     args = (case.q.requires_grad_(), case.k.requires_grad_(), case.v.requires_grad_(),
             info.cu_seqlens, info.prefix_lens, info.causal_lens, info.host_lens, 0.125,
             "cudnn_flex", False)
-    built = backend.plans_built()
     torch.library.opcheck(attention_op, args)
+    # opcheck runs the op on copies of its arguments (new batches to the plan cache); one batch
+    # called again and again, forward and backward, builds one plan.
+    built = backend.plans_built()
+    leaves = [t.detach().requires_grad_() for t in (case.q, case.k, case.v)]
+    for _ in range(3):
+        out = prefixlm_attention(*leaves, info, backend="cudnn_flex")
+        torch.autograd.grad(out, leaves, case.dout)
     assert backend.plans_built() - built == 1
 
 
