@@ -164,7 +164,7 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
         return record
     finally:
         trainer.close()
-        del trainer
+        trainer = None  # the model and optimizer go before the allocator's cache is emptied
         release_memory(device)
 
 
