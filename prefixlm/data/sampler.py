@@ -34,7 +34,7 @@ import numpy as np
 
 from ..attention.mask import allowed_pairs
 
-__all__ = ["attention_cost", "PackPlan", "MultipackSampler"]
+__all__ = ["PLANNER_VERSION", "attention_cost", "PackPlan", "MultipackSampler"]
 
 
 # A sample's attention cost: the (query, key) pairs its mask allows, p^2 + c*p + c(c+1)/2 (int64).
@@ -195,6 +195,11 @@ def _pack_first_fit(sizes, costs, num_bins: int, capacity: int):
         bins.append(b)
     return (np.asarray(bins, np.int64), np.asarray(used, np.int64),
             np.asarray(load, np.int64))
+
+
+# Bumped whenever the same (lengths, seed, epoch, world size, capacity) plan different batches:
+# a loader state records it, so that a resume never continues with other batches unnoticed.
+PLANNER_VERSION = 2
 
 
 class MultipackSampler:
