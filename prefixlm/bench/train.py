@@ -1,6 +1,7 @@
 """`prefixlm bench train`: training throughput of the whole stack per attention backend.
 
-For each architecture (`transformer`; `hrm` with H_cycles 2, L_cycles 3) and each attention backend,
+For each architecture (`transformer`; `hrm` with H_cycles 2, L_cycles 3, past its bp warm-up:
+bp_steps = 5 of its 8 stack calls differentiated) and each attention backend,
 a fresh `Trainer` (same seed, same config except `attention_backend`) takes `warmup` optimizer
 steps, untimed (torch.compile, Triton autotuning, cuDNN graph building), then `steps` timed ones. A
 step is the Trainer's own `train_step`: forward under bf16 autocast (CUDA), loss, backward, clip,
@@ -19,10 +20,10 @@ with T = real tokens of the batch (padding excluded) and, per sample, pairs = p*
 
     FLOPs = 3 * 2 * R * N_head + sum over block calls of m * (2 * T * N_block + 4 * Hq * D * pairs)
 
-N_block = parameters of a block's matrices (qkvg without its padding columns, out, gate_up, down),
+N_block = parameters of a block's matrices (gqkv_proj, o_proj, gate_up_proj, down_proj),
 N_head = vocab * hidden (LM head), R = supervised rows (the only ones the head runs on), Hq * D =
 query heads x head dim, m = 3 for a call under autograd (forward + backward = 3x the forward) and
-m = 1 for a call without (HRM's first H_cycles - grad_cycles cycles). A transformer is thus
+m = 1 for a call without (HRM's stack calls outside its bp_steps). A transformer is thus
 6 * (T * layers * N_block + R * N_head) + 12 * layers * Hq * D * pairs. MFU = FLOPs / step time /
 peak, with peak = 989e12 (H100/H200 dense bf16) per GPU unless --peak-tflops says otherwise.
 Reported per (arch, backend): real tokens/s (per GPU and over all GPUs), median and mean step time,
@@ -57,7 +58,9 @@ __all__ = ["fa3_unavailable_reason", "run_train_bench", "bench_config", "DEFAULT
 
 DEFAULT_BACKENDS = ("triton", "cudnn_flex", "cudnn", "flex", "sdpa", "fa3")  # fa3 only where its backward runs
 ARCHS = ("transformer", "hrm")
-HRM_OVERRIDES = ["model.arch=hrm", "model.H_cycles=2", "model.L_cycles=3"]
+# bp_warmup_ratio 0: every step at bp_max_steps, the state of (almost) all of a real run.
+HRM_OVERRIDES = ["model.arch=hrm", "model.H_cycles=2", "model.L_cycles=3",
+                 "model.bp_warmup_ratio=0"]
 PEAK_TFLOPS = 989.0
 
 
@@ -133,7 +136,7 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
             losses.append(stats["loss"])
             tokens += batch.info.total
             flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info),
-                                len(batch.supervised_rows))
+                                len(batch.supervised_rows), stats["bp_steps"])
         elapsed = sum(times)
         peak_mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
                     else None)
