@@ -56,6 +56,16 @@ def _generate(args) -> int:
 def _eval(args) -> int:
     import json
 
+    if args.tasks:
+        from ..train.checkpoint import load_trained
+        from .evaluate import run_task_eval
+
+        def load(device):
+            return load_trained(args.checkpoint, use_ema=not args.no_ema, device=device,
+                                backend=args.attention_backend)
+
+        return run_task_eval(args, load, _device(args.device))
+
     from ..data.dataset import V1Dataset
     from ..train.checkpoint import load_trained
     from ..train.distributed import setup
@@ -156,7 +166,11 @@ def register(subparsers) -> None:
                    help="recompute every token, one prompt at a time (the reference)")
     p.set_defaults(func=_generate)
 
-    p = subparsers.add_parser("eval", help="exact match of a checkpoint on held-out data")
+    p = subparsers.add_parser(
+        "eval", help="score a checkpoint: teacher-forced on held-out data, or --tasks",
+        description="Teacher-forced exact match on held-out data (--data, default the run's "
+                    "held-out split), or generated answers scored on benchmark tasks (--tasks) "
+                    "as HRM-Text scores them.")
     _loading_arguments(p)
     p.add_argument("--data", metavar="JSONL|DIR",
                    help="held-out JSONL or prepared dataset (default: the run's held-out split)")
@@ -165,6 +179,9 @@ def register(subparsers) -> None:
     p.add_argument("--capacity", type=int, default=0)
     p.add_argument("--max-samples", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    from .evaluate import add_task_arguments
+
+    add_task_arguments(p)
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser("export", help="safetensors + config.json + tokenizer")
