@@ -22,8 +22,9 @@ simpler generic rows:
 DROP reads EleutherAI/drop's `answer` and `validated_answers` as lm-eval does; its shot rows
 need `answer` as text. Every MCQ preset also reads the generic `mcq` rows. The MCQ prompt is
 HRM-Text's: each shot `query\\nA. choice\\nB. choice\\n...Answer: X` followed by a blank line,
-then the row the same way ending in `Answer:`. The rendered prompt is `prompt_template.format(prompt=...)`, stripped, as the
-instruction (bidirectional prefix) after the condition tokens; the answer is generated causally.
+then the row the same way ending in `Answer:`. The rendered prompt is
+`prompt_template.format(prompt=...)`, stripped, as the instruction (bidirectional prefix) after
+the condition tokens; the answer is generated causally.
 """
 
 from __future__ import annotations
