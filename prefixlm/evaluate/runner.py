@@ -26,14 +26,14 @@ def _render(tokenizer, task: Task, docs: list[dict]) -> list[list[int]]:
 
 
 def run_task(model, tokenizer, task: Task, *, batch_size: int = 32, seed: int = 0,
-             progress: bool = False) -> tuple[dict, list[dict]]:
-    """(the task's result entry, its per-row samples)."""
+             progress: bool = False, agree_tokens=None) -> tuple[dict, list[dict]]:
+    """(the task's result entry, its per-row samples). agree_tokens: see generate_batch."""
     docs = task.load()
     prompts = _render(tokenizer, task, docs)
     config = task.generation.config(tokenizer.eoa_id, seed)
     started = time.perf_counter()
     outputs = generate_batch(model, prompts, config, tokenizer=tokenizer, slots=batch_size,
-                             progress=progress)
+                             progress=progress, agree_tokens=agree_tokens)
     seconds = time.perf_counter() - started
     scores = [score_row(task.scorer, doc, out.text) for doc, out in zip(docs, outputs)]
     entry = {**task.describe(), "rows": len(docs),
@@ -61,9 +61,10 @@ def _version() -> str:
 
 
 def run_tasks(model, tokenizer, tasks: list[Task], *, batch_size: int = 32, seed: int = 0,
-              progress: bool = False, log=None) -> tuple[dict, list[dict]]:
+              progress: bool = False, log=None, agree_tokens=None) -> tuple[dict, list[dict]]:
     """({"prefixlm_version", "created", "tasks": {name: entry}, "summary": {name: headline}},
-    all samples). `log(message)` hears about each task as it finishes."""
+    all samples). `log(message)` hears about each task as it finishes. agree_tokens: see
+    generate_batch (processes generating together)."""
     names = [task.name for task in tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -79,7 +80,7 @@ def run_tasks(model, tokenizer, tasks: list[Task], *, batch_size: int = 32, seed
     try:
         for task in tasks:
             entry, rows = run_task(model, tokenizer, task, batch_size=batch_size, seed=seed,
-                                   progress=progress)
+                                   progress=progress, agree_tokens=agree_tokens)
             results["tasks"][task.name] = entry
             results["summary"][task.name] = entry["metrics"][task.headline]
             samples.extend(rows)

@@ -217,13 +217,17 @@ class _Request:
         self.logits = [] if keep_logits else None
         self.generator = _generator(config.seed, index) if config.temperature > 0 else None
 
-    def push(self, logits: torch.Tensor) -> str | None:
-        """Take the next token from its logits; the finish reason once the response is done."""
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token, from its logits."""
         if self.logits is not None:
             self.logits.append(logits.float())
         config = self.config
-        token = (int(logits.argmax()) if config.temperature <= 0 else
-                 sample_next(logits, config.temperature, config.top_p, self.generator))
+        return (int(logits.argmax()) if config.temperature <= 0 else
+                sample_next(logits, config.temperature, config.top_p, self.generator))
+
+    def accept(self, token: int) -> str | None:
+        """Append `token`; the finish reason once the response is done."""
+        config = self.config
         self.ids.append(token)
         if token in config.stop_ids:
             return "stop"
@@ -239,15 +243,24 @@ class _Request:
         return GenResult(self.ids, reason, len(self.prompt), text, self.logits)
 
 
-def _recompute(model, request: _Request, device) -> str:
+def _step(requests: list[_Request], logits, agree) -> list[str | None]:
+    """Each request's next token from its row of `logits` (agreed on, see generate_batch), and
+    each one's finish reason."""
+    tokens = [request.choose(row) for request, row in zip(requests, logits)]
+    if agree is not None:
+        tokens = [int(t) for t in agree(torch.tensor(tokens, dtype=torch.long))]
+    return [request.accept(token) for request, token in zip(requests, tokens)]
+
+
+def _recompute(model, request: _Request, device, agree) -> str:
     """The reference: every step runs the whole sequence (prompt as prefix, response causal)."""
     prompt = torch.tensor(request.prompt, dtype=torch.long, device=device)
     prefix = len(request.prompt)
     while True:
         ids = torch.cat([prompt, prompt.new_tensor(request.ids)])
         info = SeqInfo.from_lengths([prefix], [len(request.ids)], device=device)
-        logits = model(ids, torch.arange(len(ids), device=device), info)[-1]
-        reason = request.push(logits)
+        logits = model(ids, torch.arange(len(ids), device=device), info)[-1:]
+        reason = _step([request], logits, agree)[0]
         if reason is not None:
             return reason
 
@@ -256,13 +269,17 @@ def _recompute(model, request: _Request, device) -> str:
 def generate_batch(model, prompts: list[list[int]], config: GenConfig | None = None, *,
                    tokenizer=None, slots: int = 32, prefill_tokens: int = 8192,
                    use_cache: bool = True, progress: bool = False,
-                   return_logits: bool = False) -> list[GenResult]:
+                   return_logits: bool = False, agree_tokens=None) -> list[GenResult]:
     """Responses to `prompts` (token ids of rendered prefixes), in order.
 
     slots: sequences decoded together; prefill_tokens: prompt tokens per packed prefill (a longer
     prompt is prefilled alone). With a `tokenizer` the results carry text, and `stop_strings`
     work. use_cache=False: the reference, one prompt at a time, recomputing the whole sequence
     for every token. return_logits: keep each generated token's next-token logits (fp32).
+    agree_tokens: called with each step's chosen tokens (int64 CPU tensor), returns the tokens
+    to use. Processes that generate together (FSDP2 ranks must all make the same forward
+    calls) pass one that hands every rank rank 0's tokens, so a last-bit difference in logits
+    cannot make them take different paths.
     """
     config = dataclasses.replace(config or GenConfig()).validate()
     if slots < 1 or prefill_tokens < 1:
@@ -298,16 +315,17 @@ def generate_batch(model, prompts: list[list[int]], config: GenConfig | None = N
     try:
         if not use_cache:
             for request in queue:
-                finish(request, _recompute(model, request, device))
+                finish(request, _recompute(model, request, device, agree_tokens))
         elif queue:
-            _decode_all(model, queue, min(slots, len(queue)), prefill_tokens, device, finish)
+            _decode_all(model, queue, min(slots, len(queue)), prefill_tokens, device, finish,
+                        agree_tokens)
     finally:
         if bar is not None:
             bar.close()
     return results
 
 
-def _decode_all(model, queue, slots: int, prefill_tokens: int, device, finish) -> None:
+def _decode_all(model, queue, slots: int, prefill_tokens: int, device, finish, agree) -> None:
     """Continuous batching over `slots` cache slots until the queue is empty."""
     cache = BatchKVCache(slots, device)
     owner: list[_Request | None] = [None] * slots
@@ -331,8 +349,7 @@ def _decode_all(model, queue, slots: int, prefill_tokens: int, device, finish) -
             logits = model(to_device(torch.from_numpy(ids), device),
                            to_device(torch.from_numpy(positions), device), info, cache,
                            rows=to_device(torch.from_numpy(np.cumsum(lens) - 1), device))
-            for slot, request, row in zip(slot_ids, taken, logits):
-                reason = request.push(row)
+            for slot, request, reason in zip(slot_ids, taken, _step(taken, logits, agree)):
                 if reason is None:
                     owner[slot] = request
                 else:
@@ -343,8 +360,7 @@ def _decode_all(model, queue, slots: int, prefill_tokens: int, device, finish) -
         positions = torch.from_numpy(cache.lengths[running])
         cache.begin_decode(running)
         logits = model(to_device(last, device), to_device(positions, device), None, cache)
-        for slot, row in zip(running, logits):
-            reason = owner[slot].push(row)
+        for slot, reason in zip(running, _step([owner[s] for s in running], logits, agree)):
             if reason is not None:
                 finish(owner[slot], reason)
                 owner[slot] = None
