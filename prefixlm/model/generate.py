@@ -246,7 +246,10 @@ class _Request:
 def _step(requests: list[_Request], logits, agree) -> list[str | None]:
     """Each request's next token from its row of `logits` (agreed on, see generate_batch), and
     each one's finish reason."""
-    tokens = [request.choose(row) for request, row in zip(requests, logits)]
+    if requests and requests[0].config.temperature <= 0 and requests[0].logits is None:
+        tokens = logits.argmax(-1).tolist()  # greedy: one argmax for the batch
+    else:
+        tokens = [request.choose(row) for request, row in zip(requests, logits)]
     if agree is not None:
         tokens = [int(t) for t in agree(torch.tensor(tokens, dtype=torch.long))]
     return [request.accept(token) for request, token in zip(requests, tokens)]
