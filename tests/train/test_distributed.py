@@ -17,8 +17,8 @@ HERE = Path(__file__).parent
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def _torchrun(args, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _torchrun(args, timeout=240, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -109,3 +109,29 @@ def test_fsdp_units_group_consecutive_blocks():
             assert [units.index(g) for g in groups] == expected, per_unit
     finally:
         torch_dist.destroy_process_group()
+
+
+def test_torchrun_training_with_evaluation_and_wandb(tmp_path):
+    """Guards the training conveniences under torchrun: eval_every with a generated-answer task
+    on every rank (without rank 0's tokens the ranks could decode differently and hang), the
+    best checkpoint written once, W&B on rank 0 only."""
+    from evalhelpers import MMLU, MMLU_SHOTS
+
+    task = tmp_path / "mmlu.yaml"
+    task.write_text(f"preset: mmlu\ndata: {MMLU}\nshots: {MMLU_SHOTS}\nnum_shots: 1\n")
+    run_dir = tmp_path / "run"
+    env_home = tmp_path / "wandb-home"
+    done = _torchrun(["-m", "prefixlm", "train", f"run_dir={run_dir}", "steps=4",
+                      "synthetic_train=300", "synthetic_eval=40", "capacity=512",
+                      "model.hidden=32", "model.heads=2", "model.arch=hrm", "progress=false",
+                      "eval_every=2", f"eval_tasks={task}", "eval_task_condition=none",
+                      "best_metric=eval/mmlu/acc", "wandb=true", "tensorboard=false"],
+                     env={"WANDB_MODE": "offline", "WANDB_CACHE_DIR": str(env_home),
+                          "WANDB_CONFIG_DIR": str(env_home), "WANDB_DATA_DIR": str(env_home)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] and all("mmlu/acc" in r for r in evals)
+    assert (run_dir / "checkpoints" / "best" / "best.json").is_file()
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert "task mmlu: acc" in done.stdout
