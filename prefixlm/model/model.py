@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..attention import AttentionInputs, SeqInfo, prepare_attention
 from .config import ModelConfig
@@ -25,6 +26,8 @@ class PrefixLM(nn.Module):
     H_cycles - grad_cycles cycles run without autograd (HRM's truncated gradient); logits read z_H.
     """
 
+    ACTIVATION_CHECKPOINTING = ("none", "blocks", "cycles")
+
     def __init__(self, cfg: ModelConfig, backend: str = "auto"):
         super().__init__()
         self.cfg = cfg.validate()
@@ -43,6 +46,7 @@ class PrefixLM(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
         self.attention_backend = backend
+        self.activation_checkpointing = "none"
 
     @property
     def attention_backend(self) -> str:
@@ -60,6 +64,24 @@ class PrefixLM(nn.Module):
         self._attention_backend = name
         for block in self.all_blocks():
             block.attn.backend = name
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """What the backward recomputes instead of keeping activations (a run-time choice):
+        "none"; "blocks", each block call's; "cycles" (HRM), each differentiated H cycle's (its
+        L steps and H step). Forwards without autograd (HRM's truncated cycles, evaluation,
+        generation) are never checkpointed."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: str) -> None:
+        if mode not in self.ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of "
+                             f"{', '.join(self.ACTIVATION_CHECKPOINTING)}, got {mode!r}")
+        if mode == "cycles" and self.cfg.arch != "hrm":
+            raise ValueError("activation_checkpointing=cycles checkpoints HRM's cycles: it needs "
+                             "model.arch=hrm (use blocks)")
+        self._activation_checkpointing = mode
 
     def all_blocks(self) -> list[Block]:
         if self.cfg.arch == "transformer":
@@ -82,9 +104,23 @@ class PrefixLM(nn.Module):
                 nn.init.normal_(param, std=std)
 
     def _stack(self, blocks, x, rope, info, cache):
+        recompute = (self._activation_checkpointing == "blocks" and cache is None
+                     and torch.is_grad_enabled())
         for block in blocks:
-            x = block(x, rope, info, cache)
+            if recompute:
+                # Non-reentrant: parameter gradients arrive even when x needs none (HRM after
+                # its truncated cycles), and any arguments (SeqInfo, the rope tuple) pass.
+                x = checkpoint(block, x, rope, info, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, info, cache)
         return x
+
+    def _cycle(self, z_H, z_L, x, rope, info, cache=None):
+        """One HRM cycle: L_cycles L steps on z_L + z_H + x, then one H step on z_H + z_L."""
+        for _ in range(self.cfg.L_cycles):
+            z_L = self._stack(self.L_blocks, z_L + z_H + x, rope, info, cache)
+        z_H = self._stack(self.H_blocks, z_H + z_L, rope, info, cache)
+        return z_H, z_L
 
     def _prepare_attention(self, info: SeqInfo, rows: int) -> None:
         """The batch's per-batch attention work, before any (compiled) layer runs: for every
@@ -110,11 +146,13 @@ class PrefixLM(nn.Module):
         z_H = self.H_init.to(x.dtype).expand_as(x)
         z_L = self.L_init.to(x.dtype).expand_as(x)
         for cycle in range(cfg.H_cycles):
-            with torch.set_grad_enabled(torch.is_grad_enabled()
-                                        and cycle >= cfg.H_cycles - cfg.grad_cycles):
-                for _ in range(cfg.L_cycles):
-                    z_L = self._stack(self.L_blocks, z_L + z_H + x, rope, info, cache)
-                z_H = self._stack(self.H_blocks, z_H + z_L, rope, info, cache)
+            grad = torch.is_grad_enabled() and cycle >= cfg.H_cycles - cfg.grad_cycles
+            with torch.set_grad_enabled(grad):
+                if grad and cache is None and self._activation_checkpointing == "cycles":
+                    z_H, z_L = checkpoint(self._cycle, z_H, z_L, x, rope, info,
+                                          use_reentrant=False)
+                else:
+                    z_H, z_L = self._cycle(z_H, z_L, x, rope, info, cache)
         return self.norm(z_H)
 
     def forward(self, input_ids, position_ids, info: SeqInfo, cache=None,

@@ -19,7 +19,7 @@ from ..model.config import PRESETS, ModelConfig, preset_config
 __all__ = ["TrainConfig", "load_config", "parse_overrides", "save_config", "config_from_dict",
            "RUNTIME_KEYS"]
 
-RUNTIME_KEYS = ("attention_backend",)
+RUNTIME_KEYS = ("attention_backend", "activation_checkpointing")
 
 
 @dataclass
@@ -89,6 +89,9 @@ class TrainConfig:
     wandb_name: str = ""               # "": the run directory's name
     wandb_entity: str = ""
     wandb_mode: str = ""
+    # Recompute activations in the backward instead of keeping them: none | blocks (every block
+    # call) | cycles (every differentiated HRM cycle). A run-time choice, not saved with weights.
+    activation_checkpointing: str = "none"
 
     def validate(self) -> "TrainConfig":
         positive = ("capacity", "grad_accum", "steps", "log_every", "context_size",
@@ -122,6 +125,12 @@ class TrainConfig:
         if self.wandb_mode not in ("", "online", "offline", "disabled"):
             raise ValueError(f"wandb_mode must be online, offline or disabled, got "
                              f"{self.wandb_mode!r}")
+        if self.activation_checkpointing not in ("none", "blocks", "cycles"):
+            raise ValueError(f"activation_checkpointing must be none, blocks or cycles, got "
+                             f"{self.activation_checkpointing!r}")
+        if self.activation_checkpointing == "cycles" and self.model.arch != "hrm":
+            raise ValueError("activation_checkpointing=cycles checkpoints HRM's cycles: it needs "
+                             "model.arch=hrm (use blocks)")
         if self.context_size > self.capacity:
             raise ValueError(f"context_size ({self.context_size}) must fit in capacity "
                              f"({self.capacity})")

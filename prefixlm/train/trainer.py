@@ -158,6 +158,7 @@ class Trainer:
         # Same seed on every rank: FSDP2 shards one identical initialisation.
         torch.manual_seed(cfg.seed)
         model = PrefixLM(cfg.model, backend=cfg.attention_backend).to(self.device)
+        model.activation_checkpointing = cfg.activation_checkpointing  # before compile and FSDP2
         if cfg.compile:
             for block in model.all_blocks():
                 block.compile(dynamic=False)
