@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 # writes offline run files. Set before anything imports datasets, which reads them once.
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="prefixlm-tests-datasets-")
 os.environ["WANDB_MODE"] = "offline"
 
 # The shared helpers (datahelpers, trainhelpers) import by name from every test folder.

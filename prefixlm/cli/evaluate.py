@@ -25,7 +25,8 @@ def add_task_arguments(parser) -> None:
     group.add_argument("--max-context", type=int, metavar="N",
                        help="override the presets' cap (prompts of N tokens or more are skipped)")
     group.add_argument("--max-new-tokens", type=int, metavar="N",
-                       help="override the presets' answer length")
+                       help="answers of at most N tokens (a cap on the presets' budgets; MCQ "
+                            "presets answer in one token)")
     group.add_argument("--temperature", type=float, help="override (presets: 0, greedy)")
     group.add_argument("--top-p", type=float, help="override (presets: 1)")
     group.add_argument("--stop", action="append", metavar="TEXT",
@@ -73,9 +74,11 @@ def _tasks_from(args) -> list:
         if args.limit:
             task.limit = args.limit
         generation = task.generation
-        for key in ("max_context", "max_new_tokens", "temperature", "top_p"):
+        for key in ("max_context", "temperature", "top_p"):
             if getattr(args, key) is not None:
                 setattr(generation, key, getattr(args, key))
+        if args.max_new_tokens is not None:
+            generation.cap_new_tokens(args.max_new_tokens)
         if args.stop:
             generation.stop = tuple(args.stop)
     return tasks

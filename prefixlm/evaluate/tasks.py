@@ -63,6 +63,11 @@ class GenerationSettings:
                          temperature=self.temperature, top_p=self.top_p, stop_ids=(eoa_id,),
                          stop_strings=tuple(self.stop), seed=seed).validate()
 
+    def cap_new_tokens(self, limit: int) -> None:
+        """At most `limit` new tokens (a preset's one-token answers stay one token)."""
+        self.max_new_tokens = limit if self.max_new_tokens is None else min(self.max_new_tokens,
+                                                                            limit)
+
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "stop": list(self.stop)}
 

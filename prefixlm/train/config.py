@@ -75,7 +75,8 @@ class TrainConfig:
     eval_every: int = 0
     eval_tasks: str = ""
     eval_task_limit: int = 0           # rows per task (0: all)
-    eval_task_max_new_tokens: int = 0  # 0: the presets' budget (HRM-Text's: up to max_context)
+    eval_task_max_new_tokens: int = 0  # a cap on the presets' budgets (0: HRM-Text's, up to
+                                       # max_context; one token for MCQ)
     eval_task_condition: str = "preset"  # condition tokens for every task, "none", or "preset"
     eval_task_batch_size: int = 32     # prompts decoded together
     # Keep the checkpoint with the best evaluation in checkpoints/best (never rotated away):

@@ -25,6 +25,7 @@ def test_eval_tasks_scores_a_memorised_model(memorised_run, tmp_path, capsys):
     assert results["summary"] == {"gsm8k": 1.0, "mmlu": 1.0}
     assert results["weights"] == "raw" and results["checkpoint"].endswith("step_00000120")
     assert gsm["condition"] == "direct" and gsm["generation"]["max_new_tokens"] == 8
+    assert mmlu["generation"]["max_new_tokens"] == 1  # --max-new-tokens caps, MCQ stays 1
     assert len(gsm["data_sha256"]) == 64 and gsm["finish_reasons"] == {"stop": 3}
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [r["generation"] for r in rows[:3]] == ["7", "1200", "4"]

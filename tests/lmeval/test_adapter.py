@@ -164,6 +164,24 @@ def test_the_prefixlm_lm_eval_command_writes_lm_evals_results(memorised_run, tas
     assert data["config"]["prefixlm_condition"] == "direct"
 
 
+def test_the_readmes_example_tasks(memorised_run, monkeypatch):
+    """Guards the README's lm-eval example (examples/lm_eval, run from the repository root):
+    the GSM8k-style task scores the memorised answers, and the MMLU-style task's 5-shot
+    context is HRM-Text's prompt for the astronomy rows (their shots are that subject's first
+    rows), so the memorised model answers them."""
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    results = lm_eval.simple_evaluate(
+        model="prefixlm", model_args=f"checkpoint={memorised_run},condition=direct",
+        tasks=["pfx_gsm8k_tiny", "pfx_mmlu_tiny"], log_samples=True, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(root / "examples" / "lm_eval"),
+                                 include_defaults=False))
+    assert results["results"]["pfx_gsm8k_tiny"]["exact_match,number"] == 1.0
+    astronomy = [s["acc"] for s in results["samples"]["pfx_mmlu_tiny"]
+                 if s["doc"]["subject"] == "astronomy"]
+    assert astronomy == [1.0, 1.0, 1.0]
+
+
 def test_the_plugin_entry_point_names_the_adapter():
     """Guards the packaging for lm-eval versions with model plugins (entry-point group
     lm_eval.models): `--model prefixlm` must load this class."""
