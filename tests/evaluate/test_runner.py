@@ -70,6 +70,25 @@ def test_tasks_are_rendered_generated_and_scored(tmp_path):
     assert tok.decode(model.prompts[0][:2]) == "<|inst|><|cond:direct|>"
 
 
+def test_math_and_drop_tasks_score_through_the_runner():
+    """Guards the MATH and DROP presets end to end: the box read from the answer and checked by
+    math_verify (bare: acc; wrapped: acc_wrapped), DROP's F1/em against each row's gold answers
+    with the shots in the prompt."""
+    pytest.importorskip("math_verify")
+    tok = ByteTokenizer(conditions=["synth", "cot", "direct"])
+    results, samples = run_tasks(Answering(tok, "\\boxed{42}", tok.inst_end_id), tok,
+                                 [Task("math", "math", str(FIXTURES / "math_tiny.jsonl"))])
+    assert results["tasks"]["math"]["metrics"] == {"n": 3, "acc": pytest.approx(1 / 3),
+                                                   "invalid": 0.0,
+                                                   "acc_wrapped": pytest.approx(1 / 3)}
+    assert [s["extracted"] for s in samples] == ["42"] * 3
+    results, _ = run_tasks(Answering(tok, "3", tok.inst_end_id), tok,
+                           [Task("drop", "drop", str(FIXTURES / "drop_tiny.jsonl"),
+                                 shots=str(FIXTURES / "drop_tiny.shots.jsonl"))])
+    assert results["tasks"]["drop"]["metrics"] == {"n": 2, "em": 0.5, "f1": 0.5}
+    assert results["summary"] == {"drop": 0.5}
+
+
 def test_a_condition_the_tokenizer_lacks_says_what_to_do():
     """Guards a bare KeyError when a preset's condition (HRM-Text's "synth,cot") is not among the
     checkpoint's conditions: the error names the task and suggests --condition."""
