@@ -1,8 +1,8 @@
 """The package's layers import downward only, and only `prefixlm.cli` parses arguments.
 
 Layers, lowest first: the base modules (fsutil, devices, extras) < attention < data < model <
-evaluate < train < bench, hf and lmeval (interop) < cli, and the package root (`prefixlm`, the public facade, and
-`python -m prefixlm`) above all. A module may import its own layer or a lower one; every import
+evaluate < train < bench, hf and lmeval (interop) < cli, and the package root (`prefixlm`, the
+public facade, and `python -m prefixlm`) above all. A module may import its own layer or a lower one; every import
 counts, top-level or inside a function.
 """
 
