@@ -29,10 +29,11 @@ DEFAULT_FWD = "128,128,8,3,3,1,0;256,128,16,3,3,1,0;256,64,16,3,3,1,0"
 # the two-kernel / fused dK/dV kernel: 64 rows 3 stages 1484 / 1864 bytes, 2 stages 764 / 916,
 # 64 rows 1 stage 64 / 140, 32 rows 2 stages 192 / 192, 32 rows 1 stage 0 / 0;
 # `python bench/triton_bwd_registers.py` prints them).
-DEFAULT_BWD = ("128,64,8,3,128,64,8,3,1,1,0,1;128,64,8,3,128,64,8,3,1,1,1,1;"
+# The table's entry (two kernels) first, then the fused key-major kernel with the TMA dQ reduce,
+# with pointer atomics, and with register-lighter dK/dV tiles.
+DEFAULT_BWD = ("128,64,8,3,128,64,8,3,0,1,0,1;128,64,8,3,128,64,8,3,1,1,0,1;"
                "128,64,8,3,128,64,8,3,1,1,0,0;128,64,8,2,128,64,8,3,1,1,0,1;"
-               "128,32,8,2,128,64,8,3,1,1,0,1;128,32,8,1,128,64,8,3,1,1,0,1;"
-               "128,64,8,1,128,64,8,3,1,1,0,1")
+               "128,32,8,2,128,64,8,3,1,1,0,1;128,32,8,1,128,64,8,3,1,1,0,1")
 
 def parse_configs(text: str, kind):
     """'a,b,c;d,e,f' -> [kind(a, b, c), kind(d, e, f)], each field cast to the field's type."""

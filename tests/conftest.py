@@ -1,8 +1,20 @@
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# No network in the tests: datasets and the hub read local files only (lm-eval's tasks), W&B
+# writes offline run files. Set before anything imports datasets, which reads them once.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="prefixlm-tests-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
+os.environ["WANDB_MODE"] = "offline"
 
 # The shared helpers (datahelpers, trainhelpers) import by name from every test folder.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -29,3 +41,11 @@ def prepared_dir(tmp_path_factory):
     prepare_sft([str(root / "train.jsonl")], str(root / "prepared"), context_size=64,
                 progress=False)
     return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def memorised_run(tmp_path_factory):
+    """A run whose tiny model answers the evaluation fixtures (tests/evalhelpers.py)."""
+    from evalhelpers import train_memoriser
+
+    return train_memoriser(tmp_path_factory.mktemp("memorised"))

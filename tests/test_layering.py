@@ -1,8 +1,8 @@
 """The package's layers import downward only, and only `prefixlm.cli` parses arguments.
 
 Layers, lowest first: the base modules (fsutil, devices, extras) < attention < data < model <
-train < bench and hf (interop) < cli, and the package root (`prefixlm`, the public facade, and
-`python -m prefixlm`) above all. A module may import its own layer or a lower one; every import
+evaluate < train < bench, hf and lmeval (interop) < cli, and the package root (`prefixlm`, the
+public facade, and `python -m prefixlm`) above all. A module may import its own layer or a lower one; every import
 counts, top-level or inside a function.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "prefixlm"
 LAYERS = {"fsutil": 0, "devices": 0, "extras": 0, "attention": 1, "data": 2, "model": 3,
-          "train": 4, "bench": 5, "hf": 5, "cli": 6, "__main__": 7}
-FACADE = 7  # the package root
+          "evaluate": 4, "train": 5, "bench": 6, "hf": 6, "lmeval": 6, "cli": 7, "__main__": 8}
+FACADE = 8  # the package root
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -87,11 +87,11 @@ def test_the_check_finds_planted_upward_imports(tmp_path):
     (root / "cli" / "main.py").write_text("import argparse\nfrom ..train import trainer\n")
     assert violations(root) == [
         "prefixlm/attention/op.py:2: prefixlm.attention.op (layer 1) imports prefixlm.train "
-        "(layer 4)",
+        "(layer 5)",
         "prefixlm/attention/op.py:2: prefixlm.attention.op (layer 1) imports "
-        "prefixlm.train.trainer (layer 4)",
-        "prefixlm/data/loader.py:2: prefixlm.data.loader (layer 2) imports prefixlm.cli (layer 6)",
+        "prefixlm.train.trainer (layer 5)",
+        "prefixlm/data/loader.py:2: prefixlm.data.loader (layer 2) imports prefixlm.cli (layer 7)",
         "prefixlm/data/loader.py:2: prefixlm.data.loader (layer 2) imports prefixlm.cli.main "
-        "(layer 6)",
+        "(layer 7)",
         "prefixlm/data/rows.py:1: imports argparse outside prefixlm/cli",
     ]

@@ -85,21 +85,51 @@ def prepare_attention(info: SeqInfo, inputs: AttentionInputs, backend: str = "au
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     softmax_scale: float | None = None) -> torch.Tensor:
-    """Attention of the newest tokens of one sequence against its KV cache.
+                     softmax_scale: float | None = None, *,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of the newest tokens of a sequence, or of a batch of sequences, against their KV
+    cache: the decode path of generation (prefill goes through `prefixlm_attention`).
 
-    q: (N, Hq, D), the queries of the last N tokens; k, v: (M, Hkv, D), the keys and values of all
-    M >= N tokens so far (cache + these N). The new tokens are causal: new token i sees keys
-    0 .. M - N + i, so the cached prefix and causal tokens stay as the prefill attended them (a
-    causal token's state never depends on later tokens). Returns (N, Hq, D). This is the decode
-    path of generation; prefill goes through `prefixlm_attention`.
+    One sequence: q (N, Hq, D), the queries of its last N tokens; k, v (M, Hkv, D), the keys and
+    values of all M >= N tokens so far (the cache and these N).
+    A batch (a padded cache): q (B, N, Hq, D); k, v (B, L, Hkv, D); `lengths` (B,) integer, on
+    q's device: sequence b has lengths[b] tokens so far (N <= lengths[b] <= L), its last N the new
+    ones. Cache rows at and past lengths[b] are padding: never attended, but they must be finite
+    (a zero weight times NaN is NaN).
+    The new tokens are causal: new token i of a sequence of M tokens sees keys 0 .. M - N + i, so
+    the cached prefix and causal tokens stay as the prefill attended them (a causal token's state
+    never depends on later tokens). Returns q's shape.
     """
-    new, total = q.shape[0], k.shape[0]
-    if new > total:
-        raise ValueError(f"decode_attention: {new} queries but only {total} keys")
-    allowed = (torch.arange(total, device=q.device)[None, :]
-               <= torch.arange(total - new, total, device=q.device)[:, None])
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+    if q.dim() == 3:
+        if lengths is not None:
+            raise ValueError("decode_attention: `lengths` is for a batch, q (B, N, Hq, D); one "
+                             f"sequence (q of shape {tuple(q.shape)}) uses all of its keys")
+        if k.dim() != 3 or k.shape != v.shape:
+            raise ValueError(f"decode_attention: one sequence needs k, v of shape (M, Hkv, D), "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        if q.shape[0] > k.shape[0]:
+            raise ValueError(f"decode_attention: {q.shape[0]} queries but only {k.shape[0]} "
+                             f"keys")
+        full = torch.full((1,), k.shape[0], dtype=torch.long, device=q.device)
+        return decode_attention(q[None], k[None], v[None], softmax_scale, lengths=full)[0]
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0]:
+        raise ValueError(f"decode_attention: a batch needs q (B, N, Hq, D) and k, v (B, L, Hkv, "
+                         f"D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, new, _, _ = q.shape
+    cache_len = k.shape[1]
+    if lengths is None:
+        lengths = torch.full((batch,), cache_len, dtype=torch.long, device=q.device)
+    if lengths.shape != (batch,) or lengths.dtype.is_floating_point or lengths.device != q.device:
+        raise ValueError(f"decode_attention: lengths must be an integer tensor of shape ({batch},) "
+                         f"on {q.device}, got {lengths.dtype} {tuple(lengths.shape)} on "
+                         f"{lengths.device}")
+    if lengths.device.type == "cpu" and batch and not bool(
+            ((lengths >= new) & (lengths <= cache_len)).all()):  # checked where it costs no sync
+        raise ValueError(f"decode_attention: lengths must lie in [{new}, {cache_len}] (the new "
+                         f"queries .. the cache rows), got {lengths.tolist()}")
+    last_key = lengths[:, None] - new + torch.arange(new, device=q.device)  # (B, N)
+    allowed = torch.arange(cache_len, device=q.device) <= last_key[:, None, :, None]  # (B,1,N,L)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=allowed, scale=softmax_scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)

@@ -1,7 +1,7 @@
 """`prefixlm` command line: the only place that parses arguments. One module per command group
 (`attention`: verify; `data`: prepare-sft, inspect; `train`: train, generate, eval, export;
-`bench`: bench attention, bench train), each importing the library downward, and one mapping from
-exceptions to a one-line error."""
+`evaluate`: eval --tasks, lm-eval; `bench`: bench attention, bench train), each importing the
+library downward, and one mapping from exceptions to a one-line error."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import argparse
 import errno
 import sys
 
-from . import attention, bench, data, train
+from . import attention, bench, data, evaluate, train
 
 # Each has `register(subparsers)`, which adds its parsers and sets `func(args) -> int` on them.
-COMMAND_GROUPS = (attention, bench, data, train)
+COMMAND_GROUPS = (attention, bench, data, evaluate, train)
+# Commands whose arguments all belong to another tool's command line, passed on verbatim.
+PASSTHROUGH = {"lm-eval": "lm_eval_args"}
 ERROR_EXIT = 2
 
 
@@ -64,9 +66,22 @@ def error_message(exc: BaseException) -> str | None:
     return None
 
 
+def _split_passthrough(argv: list[str]) -> tuple[list[str], tuple[str, list[str]] | None]:
+    """(prefixlm's own arguments, (attribute, verbatim rest)) for a PASSTHROUGH command."""
+    for i, item in enumerate(argv):
+        if not item.startswith("-"):
+            if item in PASSTHROUGH:
+                return argv[:i + 1], (PASSTHROUGH[item], argv[i + 1:])
+            break
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, passthrough = _split_passthrough(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(argv)
+    if passthrough is not None:
+        setattr(args, *passthrough)
     # argparse stops filling a positional list at the first option, so `train a=1 --resume b=2`
     # would leave `b=2` over: KEY=VALUE overrides may stand on either side of an option.
     if extra and isinstance(getattr(args, "overrides", None), list) and all(

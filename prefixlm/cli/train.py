@@ -32,12 +32,9 @@ def _device(name: str) -> str:
 
 
 def _generate(args) -> int:
-    import torch
-
-    from ..model import answer
+    from ..model.generate import GenConfig, answers
     from ..train.checkpoint import load_trained
 
-    torch.manual_seed(args.seed)
     model, cfg, tokenizer, ckpt = load_trained(args.checkpoint, use_ema=not args.no_ema,
                                                device=_device(args.device),
                                                backend=args.attention_backend)
@@ -48,17 +45,29 @@ def _generate(args) -> int:
         prompts += [line.rstrip("\n") for line in open(args.prompts_file) if line.strip()]
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE")
-    for prompt in prompts:
-        text = answer(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      use_cache=not args.no_cache)
-        print(text if len(prompts) == 1 else f"{prompt}\t{text}")
+    config = GenConfig(max_new_tokens=args.max_new_tokens, max_context=args.max_context,
+                       temperature=args.temperature, top_p=args.top_p,
+                       stop_strings=tuple(args.stop or ()), seed=args.seed)
+    results = answers(model, tokenizer, prompts, args.condition, config, slots=args.batch_size,
+                      use_cache=not args.no_cache, progress=len(prompts) > 1)
+    for prompt, result in zip(prompts, results):
+        print(result.text if len(prompts) == 1 else f"{prompt}\t{result.text}")
     return 0
 
 
 def _eval(args) -> int:
     import json
     import tempfile
+
+    if args.tasks:
+        from ..train.checkpoint import load_trained
+        from .evaluate import run_task_eval
+
+        def load(device):
+            return load_trained(args.checkpoint, use_ema=not args.no_ema, device=device,
+                                backend=args.attention_backend)
+
+        return run_task_eval(args, load, _device(args.device))
 
     from ..data.dataset import V1Dataset
     from ..model.hrm_text import is_hrm_text_dir
@@ -211,14 +220,28 @@ def register(subparsers) -> None:
     _loading_arguments(p)
     p.add_argument("--prompt", action="append", metavar="TEXT", help="instruction (repeatable)")
     p.add_argument("--prompts-file", metavar="FILE", help="one instruction per line")
+    p.add_argument("--condition", metavar="NAME[,NAME]",
+                   help="condition tokens before the instruction (comma-separated, in order)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="HRM-Text's cap: at most N - prompt tokens are generated; a prompt of N "
+                        "tokens or more gets no answer")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string (repeatable; cut from the answer); end-of-answer always stops")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cache", action="store_true", help="recompute instead of a KV cache")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (one stream per prompt)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="prompts decoded together")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute every token, one prompt at a time (the reference)")
     p.set_defaults(func=_generate)
 
-    p = subparsers.add_parser("eval", help="exact match of a checkpoint on held-out data")
+    p = subparsers.add_parser(
+        "eval", help="score a checkpoint: teacher-forced on held-out data, or --tasks",
+        description="Teacher-forced exact match on held-out data (--data, default the run's "
+                    "held-out split), or generated answers scored on benchmark tasks (--tasks) "
+                    "as HRM-Text scores them.")
     _loading_arguments(p)
     p.add_argument("--data", metavar="JSONL|DIR",
                    help="held-out JSONL or prepared dataset (default: the run's held-out split)")
@@ -227,6 +250,9 @@ def register(subparsers) -> None:
     p.add_argument("--capacity", type=int, default=0)
     p.add_argument("--max-samples", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    from .evaluate import add_task_arguments
+
+    add_task_arguments(p)
     p.set_defaults(func=_eval)
 
     p = subparsers.add_parser(

@@ -2,7 +2,7 @@
 
 Rendering (the one place it is defined; prepare-sft writes exactly this):
 
-    prefix   = [inst_begin] [condition token]  encode(instruction)  [inst_end]
+    prefix   = [inst_begin] [condition tokens]  encode(instruction)  [inst_end]
     response = encode(response) [eoa]
 
 `inst_begin` / `inst_end` may be disabled (set to None); `eoa` and `pad` are required. A chat row's
@@ -110,14 +110,19 @@ class _Base:
         return self._encode_many(texts)
 
     def prefix_head(self, condition: str | None = None) -> list[int]:
-        """Marker ids before the instruction text."""
+        """Marker ids before the instruction text: inst_begin, then one token per name of the
+        comma-separated `condition`, in order ("synth,cot" is two tokens, as HRM-Text and
+        data_io render it); None or "" adds none."""
         head = [] if self.inst_begin_id is None else [self.inst_begin_id]
-        if condition is not None:
-            if condition not in self.condition_ids:
+        for name in (condition or "").split(","):
+            name = name.strip()
+            if not name and not condition:
+                continue
+            if name not in self.condition_ids:
                 known = ", ".join(sorted(self.condition_ids)) or "none declared"
-                raise ValueError(f"unknown condition {condition!r} (known: {known}); declare it "
+                raise ValueError(f"unknown condition {name!r} (known: {known}); declare it "
                                  f"with --conditions")
-            head.append(self.condition_ids[condition])
+            head.append(self.condition_ids[name])
         return head
 
     def prefix_tail(self) -> list[int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..attention import SeqInfo, prefixlm_attention
 from .config import ModelConfig
@@ -121,7 +122,12 @@ class Stack(nn.Module):
         self.eps = cfg.norm_eps
         self.layers = nn.ModuleList(Block(cfg) for _ in range(layers))
 
-    def forward(self, x, rope, info, cache=None):
+    def forward(self, x, rope, info, cache=None, checkpoint_blocks: bool = False):
+        """checkpoint_blocks: recompute each block in the backward instead of keeping its
+        activations (non-reentrant, so parameter gradients arrive whatever x requires)."""
         for block in self.layers:
-            x = block(x, rope, info, cache)
+            if checkpoint_blocks:
+                x = checkpoint(block, x, rope, info, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, info, cache)
         return rms_norm(x, self.eps)

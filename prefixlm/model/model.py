@@ -14,6 +14,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..attention import AttentionInputs, SeqInfo, prepare_attention
 from .config import ModelConfig, stack_calls
@@ -56,6 +57,8 @@ class PrefixLM(nn.Module):
     `bp_max_steps`. Like the attention backend it is a run-time setting, not part of the weights.
     """
 
+    ACTIVATION_CHECKPOINTING = ("none", "blocks", "cycles")
+
     def __init__(self, cfg: ModelConfig, backend: str = "auto"):
         super().__init__()
         self.cfg = cfg.validate()
@@ -64,6 +67,7 @@ class PrefixLM(nn.Module):
         self.bp_steps: int | None = None
         self.reset_parameters()
         self.attention_backend = backend
+        self.activation_checkpointing = "none"
 
     @property
     def attention_backend(self) -> str:
@@ -81,6 +85,24 @@ class PrefixLM(nn.Module):
         self._attention_backend = name
         for block in self.all_blocks():
             block.attn.backend = name
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """What the backward recomputes instead of keeping activations (a run-time choice):
+        "none"; "blocks", each block call's; "cycles" (HRM), each differentiated step of the
+        recurrence (an L step or an H step: one stack call, its blocks and final norm). Calls
+        without autograd (outside bp_steps, evaluation, generation) are never checkpointed."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, mode: str) -> None:
+        if mode not in self.ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of "
+                             f"{', '.join(self.ACTIVATION_CHECKPOINTING)}, got {mode!r}")
+        if mode == "cycles" and self.cfg.arch != "hrm":
+            raise ValueError("activation_checkpointing=cycles checkpoints HRM's recurrence steps: "
+                             "it needs model.arch=hrm (use blocks)")
+        self._activation_checkpointing = mode
 
     def stacks(self) -> dict[str, Stack]:
         stacks = {"H": self.model.H_module}
@@ -129,13 +151,24 @@ class PrefixLM(nn.Module):
         z_L = self.model.z_L_init.to(z_H.dtype)
         rope = rope_tables(position_ids, cfg.attn_head_dim, cfg.rope_theta)
         grad = torch.is_grad_enabled()
+        mode = self._activation_checkpointing
         for name, with_grad in calls:
             # A call without gradient returns a tensor without history: the gradient stops there.
-            with torch.set_grad_enabled(grad and with_grad):
-                if name == "L":
-                    z_L = stacks["L"](z_L + z_H, rope, info, cache)
+            recorded = grad and with_grad
+            with torch.set_grad_enabled(recorded):
+                x = z_L + z_H if name == "L" else z_H + z_L
+                stack = stacks[name]
+                if recorded and cache is None and mode == "cycles":
+                    # Non-reentrant: parameter gradients arrive even when x needs none (after a
+                    # call without gradient), and any arguments (SeqInfo, the rope tuple) pass.
+                    x = checkpoint(stack, x, rope, info, use_reentrant=False)
                 else:
-                    z_H = stacks["H"](z_H + z_L, rope, info, cache)
+                    x = stack(x, rope, info, cache,
+                              checkpoint_blocks=recorded and cache is None and mode == "blocks")
+                if name == "L":
+                    z_L = x
+                else:
+                    z_H = x
         return z_H
 
     def forward(self, input_ids, position_ids, info: SeqInfo, cache=None,

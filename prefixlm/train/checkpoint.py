@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 import shutil
@@ -35,10 +36,11 @@ from .distributed import all_reduce, barrier
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
            "CheckpointError", "load_model_weights", "resolve_checkpoint", "load_trained",
-           "checkpoint_config", "checkpoint_tokenizer"]
+           "checkpoint_config", "checkpoint_tokenizer", "keep_best", "read_best"]
 
 COMMIT = "COMMIT"
 _NAME = re.compile(r"^step_(\d+)$")
+BEST, BEST_RECORD = "best", "best.json"
 # Model config keys and weight names only prefixlm's architecture before the HRM-Text model had.
 _OLD_CONFIG_KEYS = ("tie_embeddings", "init_std", "grad_cycles", "H_layers", "L_layers")
 _OLD_WEIGHT = "model.embed.weight"
@@ -301,3 +303,58 @@ def load_trained(path: str | Path, use_ema: bool | None = None, device="cpu",
     model = PrefixLM(cfg.model, backend=backend)
     load_model_weights(ckpt, model, use_ema=cfg.use_ema if use_ema is None else use_ema)
     return model.to(device).eval(), cfg, checkpoint_tokenizer(ckpt, cfg), ckpt
+
+
+# -- the best checkpoint ----------------------------------------------------------------------
+# <ckpt_root>/best is a copy of the committed step with the best evaluation so far (hard links
+# where the file system allows: DCP files are never rewritten), plus best.json {step, metric,
+# mode, value}. Its name is no step_*, so rotation and resume never see it; `prefixlm eval` /
+# `generate` / `export` load it like any checkpoint.
+
+def read_best(ckpt_root: str | Path) -> dict | None:
+    """best.json of the best checkpoint under `ckpt_root`, or None. Finishes a replacement
+    that a crash interrupted (the previous best is put back)."""
+    root = Path(ckpt_root)
+    best, old = root / BEST, root / f".old-{BEST}"
+    if old.is_dir() and not best.exists():
+        old.rename(best)
+    if not (best / BEST_RECORD).is_file() or verify(best) is not None:
+        return None
+    try:
+        return json.loads((best / BEST_RECORD).read_text())
+    except ValueError:
+        return None
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    for path in sorted(source.rglob("*")):
+        dest = target / path.relative_to(source)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dest)
+        except OSError:  # another file system, or no hard links: a copy
+            shutil.copy2(path, dest)
+
+
+def keep_best(ckpt_root: str | Path, step_dir: str | Path, record: dict) -> Path:
+    """Make the committed checkpoint `step_dir` the best one, with `record` as best.json.
+    Single process (rank 0). A crash leaves the previous best or the new one, never neither."""
+    root, step_dir = Path(ckpt_root), Path(step_dir)
+    reason = verify(step_dir)
+    if reason is not None:
+        raise CheckpointError(f"cannot keep {step_dir} as the best checkpoint: {reason}")
+    best, tmp, old = root / BEST, root / f".tmp-{BEST}", root / f".old-{BEST}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _link_tree(step_dir, tmp)
+    write_bytes(tmp / BEST_RECORD, json.dumps(record).encode())
+    fsync_dir(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if best.exists():
+        best.rename(old)
+    tmp.rename(best)
+    fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    return best

@@ -19,7 +19,7 @@ from ..model.config import PRESETS, ModelConfig, preset_config
 __all__ = ["TrainConfig", "load_config", "parse_overrides", "save_config", "config_from_dict",
            "RUNTIME_KEYS"]
 
-RUNTIME_KEYS = ("attention_backend",)
+RUNTIME_KEYS = ("attention_backend", "activation_checkpointing")
 
 
 @dataclass
@@ -72,6 +72,30 @@ class TrainConfig:
     # hook and collective launches, so units of one block leave a multi-GPU forward waiting on the
     # host (BENCHMARKS.md, "Training, 2 GPUs", measures the unit size).
     fsdp_blocks_per_unit: int = 6
+    # Evaluation during training: every `eval_every` steps (0: once, at the end) the held-out
+    # loss, token accuracy and exact match, and the `eval_tasks` (as `prefixlm eval --tasks`,
+    # comma-separated: PRESET=FILE or TASK.yaml) scored with generated answers.
+    eval_every: int = 0
+    eval_tasks: str = ""
+    eval_task_limit: int = 0           # rows per task (0: all)
+    eval_task_max_new_tokens: int = 0  # a cap on the presets' budgets (0: HRM-Text's, up to
+                                       # max_context; one token for MCQ)
+    eval_task_condition: str = "preset"  # condition tokens for every task, "none", or "preset"
+    eval_task_batch_size: int = 32     # prompts decoded together
+    # Keep the checkpoint with the best evaluation in checkpoints/best (never rotated away):
+    # eval/loss, eval/exact_match, eval/TASK/METRIC, ...; mode auto: min for losses, else max.
+    best_metric: str = ""
+    best_mode: str = "auto"
+    # Weights & Biases (rank 0; pip install 'prefixlm[wandb]'). mode "": wandb's default
+    # (WANDB_MODE, else online); offline writes run files under run_dir/wandb for `wandb sync`.
+    wandb: bool = False
+    wandb_project: str = "prefixlm"
+    wandb_name: str = ""               # "": the run directory's name
+    wandb_entity: str = ""
+    wandb_mode: str = ""
+    # Recompute activations in the backward instead of keeping them: none | blocks (every block
+    # call) | cycles (every differentiated HRM cycle). A run-time choice, not saved with weights.
+    activation_checkpointing: str = "none"
 
     def validate(self) -> "TrainConfig":
         positive = ("capacity", "grad_accum", "steps", "log_every", "context_size",
@@ -92,6 +116,25 @@ class TrainConfig:
                              f"got {self.attention_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.eval_every < 0 or self.eval_task_limit < 0 or self.eval_task_max_new_tokens < 0:
+            raise ValueError("eval_every, eval_task_limit and eval_task_max_new_tokens must be "
+                             ">= 0")
+        if self.eval_task_batch_size <= 0:
+            raise ValueError(f"eval_task_batch_size must be > 0, got {self.eval_task_batch_size}")
+        if self.best_mode not in ("auto", "min", "max"):
+            raise ValueError(f"best_mode must be auto, min or max, got {self.best_mode!r}")
+        if self.best_metric and not self.best_metric.startswith("eval/"):
+            raise ValueError(f"best_metric names an evaluation metric, eval/KEY (eval/loss, "
+                             f"eval/TASK/acc, ...), got {self.best_metric!r}")
+        if self.wandb_mode not in ("", "online", "offline", "disabled"):
+            raise ValueError(f"wandb_mode must be online, offline or disabled, got "
+                             f"{self.wandb_mode!r}")
+        if self.activation_checkpointing not in ("none", "blocks", "cycles"):
+            raise ValueError(f"activation_checkpointing must be none, blocks or cycles, got "
+                             f"{self.activation_checkpointing!r}")
+        if self.activation_checkpointing == "cycles" and self.model.arch != "hrm":
+            raise ValueError("activation_checkpointing=cycles checkpoints HRM's cycles: it needs "
+                             "model.arch=hrm (use blocks)")
         if self.context_size > self.capacity:
             raise ValueError(f"context_size ({self.context_size}) must fit in capacity "
                              f"({self.capacity})")

@@ -72,10 +72,12 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
 
 
 class MetricsLog:
-    """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard."""
+    """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard and
+    to `sinks` (objects with write(record) and close(), e.g. `wandb_log.WandbLog`)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, sinks=()):
         self.enabled = enabled
+        self.sinks = list(sinks) if enabled else []
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
         if enabled and tensorboard:
@@ -95,7 +97,12 @@ class MetricsLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
                     self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+        for sink in self.sinks:
+            sink.write(record)
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

@@ -205,11 +205,18 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
         result = trainer.evaluate()
         trainer.close()
         elapsed = time.perf_counter() - started
-        if result is not None:
-            weights = "EMA weights" if trainer.ema is not None and cfg.use_ema else "weights"
+        weights = "EMA weights" if trainer.ema is not None and cfg.use_ema else "weights"
+        if result is not None and "exact_match" in result:
             say(f"held-out exact match: {100 * result['exact_match']:.1f}% of "
                 f"{result['samples']} samples (token accuracy {100 * result['token_acc']:.1f}%, "
                 f"loss {result['loss']:.3f}, {weights})")
+        for task in trainer.eval_tasks:
+            key = f"{task.name}/{task.headline}"
+            say(f"task {task.name}: {task.headline} {result[key]:.4f} ({weights})")
+        if trainer.best.record is not None:
+            best = trainer.best.record
+            say(f"best checkpoint: {trainer.ckpt_root / 'best'} (step {best['step']}, "
+                f"{best['metric']} {best['value']:.4f})")
         say(f"checkpoint: {trainer.last_checkpoint}")
         say(f"done in {elapsed:.0f}s. Try: prefixlm generate --checkpoint {cfg.run_dir} "
             f"--prompt \"reverse hello\"")

@@ -164,6 +164,7 @@ class Trainer:
         if cfg.init_from and initialize:
             load_initial_weights(model, cfg.init_from, use_ema=cfg.use_ema)
         model = model.to(self.device)
+        model.activation_checkpointing = cfg.activation_checkpointing  # before compile and FSDP2
         if cfg.compile:
             for block in model.all_blocks():
                 block.compile(dynamic=False)
@@ -177,7 +178,13 @@ class Trainer:
         self.history: list[dict] = []
         self.last_checkpoint: Path | None = None
         self.peak = peak_flops(self.device, cfg.peak_tflops)
-        self.log = MetricsLog(self.run_dir, dist.is_main, cfg.tensorboard)
+        self._setup_evaluation(tokenizer)
+        sinks = []
+        if cfg.wandb and dist.is_main:
+            from .wandb_log import WandbLog
+            sinks.append(WandbLog(cfg, self.run_dir,
+                                  {"num_params": model.num_params(non_embedding=False)}))
+        self.log = MetricsLog(self.run_dir, dist.is_main, cfg.tensorboard, sinks)
         torch.manual_seed(cfg.seed + 1 + dist.rank)  # per-rank stream for anything sampled later
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -209,6 +216,7 @@ class Trainer:
         ckpt.set_rng_state(local["rng"])
         self.step = step
         self.last_checkpoint = path
+        self.best.load(self.ckpt_root, self.dist.rank)
         return path
 
     # -- one optimizer step ------------------------------------------------------------------
@@ -316,21 +324,63 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['token_acc']:.3f}",
                                     lr=f"{lr:.1e}")
-                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == last:
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate()
+                if ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == last) \
+                        and self._saved_step() != self.step:
                     self.save()
         finally:
             if bar is not None:
                 bar.close()
         return self.history
 
+    # -- evaluation ----------------------------------------------------------------------------
+    def _setup_evaluation(self, tokenizer):
+        from .evaluation import BestCheckpoint, tasks_from_config
+
+        self.eval_tasks = tasks_from_config(self.cfg)
+        if self.eval_tasks and tokenizer is None:
+            raise ValueError("eval_tasks need the run's tokenizer (Trainer(tokenizer=...))")
+        self.best = BestCheckpoint(self.cfg)
+        if self.best.enabled and self.eval_batches is None and not self.eval_tasks:
+            raise ValueError(f"best_metric={self.cfg.best_metric} needs an evaluation: held-out "
+                             "data (eval_data, or the synthetic task's split) or eval_tasks")
+        self._evaluated: tuple[int, dict] | None = None
+
+    def _saved_step(self) -> int | None:
+        return None if self.last_checkpoint is None else int(
+            self.last_checkpoint.name.split("_")[1])
+
     def evaluate(self) -> dict | None:
-        if self.eval_batches is None:
+        """Held-out loss, token accuracy and exact match, and the eval_tasks' metrics as
+        "TASK/METRIC", on the EMA weights when the run uses them; logged as an eval record; the
+        checkpoint of this step kept as the best one when it beats the best so far. Once per
+        step (a second call returns the first's result)."""
+        if self.eval_batches is None and not self.eval_tasks:
             return None
+        if self._evaluated is not None and self._evaluated[0] == self.step:
+            return self._evaluated[1]
         context = (self.ema.swapped_in(self.model) if self.ema is not None and self.cfg.use_ema
                    else contextlib.nullcontext())
+        result = {}
         with context:
-            result = evaluate(self.model, self.eval_batches(), self.cfg, self.device)
+            if self.eval_batches is not None:
+                result.update(evaluate(self.model, self.eval_batches(), self.cfg, self.device))
+            if self.eval_tasks:
+                from .evaluation import task_metrics
+
+                self.model.eval()
+                result.update(task_metrics(self.model, self.tokenizer, self.eval_tasks, self.cfg,
+                                           self.dist.distributed,
+                                           autocast_for(self.cfg, self.device)))
+                self.model.train()
         self.log.write({"kind": "eval", "step": self.step, **result})
+        self._evaluated = (self.step, result)
+        if self.best.enabled and self.best.improves(result):
+            if self._saved_step() != self.step:
+                self.save()
+            self.best.keep(self.ckpt_root, self.last_checkpoint, self.step, result,
+                           self.dist.rank)
         return result
 
     def close(self):

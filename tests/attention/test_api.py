@@ -75,3 +75,43 @@ def test_decode_attention_equals_the_causal_rows_of_a_full_pass(heads):
     torch.testing.assert_close(out, full[-new:], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="queries but only"):
         decode_attention(q, k[:2], v[:2])
+
+
+@pytest.mark.parametrize("new", [1, 3])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_batched_decode_attention_equals_a_full_pass_per_sequence(heads, new):
+    """Guards the batched decode path (a padded cache of sequences of different lengths): each
+    sequence's new rows must equal those rows of a full PrefixLM pass over that sequence alone,
+    whatever the padding holds (here large finite garbage) and whatever its neighbours' lengths
+    (a mask taken from the wrong row, or keys read past a sequence's length, would show)."""
+    torch.manual_seed(1)
+    hq, hkv = heads
+    lengths, prefixes, cache_len = [4, 11, 7, 3], [1, 6, 0, 0], 13
+    q = torch.randn(len(lengths), new, hq, 16, dtype=torch.float64)
+    k = torch.randn(len(lengths), cache_len, hkv, 16, dtype=torch.float64) * 5
+    v = torch.randn(len(lengths), cache_len, hkv, 16, dtype=torch.float64) * 50
+    out = decode_attention(q, k, v, lengths=torch.tensor(lengths))
+    assert out.shape == q.shape
+    for b, (length, prefix) in enumerate(zip(lengths, prefixes)):
+        qs = torch.randn(length, hq, 16, dtype=torch.float64)
+        qs[-new:] = q[b]
+        full = reference_attention(qs, k[b, :length], v[b, :length],
+                                   SeqInfo.from_lengths([prefix], [length - prefix]),
+                                   compute_dtype=torch.float64)
+        torch.testing.assert_close(out[b], full[-new:], rtol=1e-10, atol=1e-10)
+        # One sequence through the unbatched form: the same numbers.
+        torch.testing.assert_close(decode_attention(q[b], k[b, :length], v[b, :length]), out[b],
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_batched_decode_attention_rejects_bad_lengths():
+    """Guards a cache length outside [new tokens, cache rows] silently attending padding or
+    nothing (a row with no key gives NaN), and lengths of the wrong shape."""
+    q, k = torch.randn(2, 2, 2, 8), torch.randn(2, 5, 2, 8)
+    for bad in ([1, 3], [3, 6]):
+        with pytest.raises(ValueError, match=r"lie in \[2, 5\]"):
+            decode_attention(q, k, k, lengths=torch.tensor(bad))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        decode_attention(q, k, k, lengths=torch.tensor([3]))
+    with pytest.raises(ValueError, match="for a batch"):
+        decode_attention(q[0], k[0], k[0], lengths=torch.tensor([3]))

@@ -27,6 +27,21 @@ def test_byte_prefix_and_response_rendering():
         tok.encode_prefix("x", "code")
 
 
+def test_comma_separated_conditions_are_one_token_each():
+    """Guards HRM-Text's multi-tag conditions: its evaluation renders "synth,cot" as two
+    condition tokens in that order (data_io writes "cot,noisy" the same way); one token for the
+    whole string, a reordering, or a silently dropped unknown tag would change the prompt."""
+    tok = ByteTokenizer(conditions=["synth", "cot", "direct"])
+    ids = tok.condition_ids
+    assert tok.prefix_head("synth,cot") == [tok.inst_begin_id, ids["synth"], ids["cot"]]
+    assert tok.prefix_head("cot, synth") == [tok.inst_begin_id, ids["cot"], ids["synth"]]
+    assert tok.prefix_head("") == tok.prefix_head(None) == [tok.inst_begin_id]
+    with pytest.raises(ValueError, match="unknown condition 'noisy'"):
+        tok.prefix_head("synth,noisy")
+    with pytest.raises(ValueError, match="unknown condition ''"):
+        tok.prefix_head("synth,,cot")
+
+
 def test_markers_can_be_disabled_but_eoa_cannot():
     """Guards configurable specials: inst markers optional, eoa required (a response needs an end)."""
     tok = ByteTokenizer({"inst_begin": None, "inst_end": None})

@@ -17,8 +17,8 @@ HERE = Path(__file__).parent
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def _torchrun(args, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _torchrun(args, timeout=240, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -109,3 +109,54 @@ def test_fsdp_units_group_consecutive_blocks():
             assert [units.index(g) for g in groups] == expected, per_unit
     finally:
         torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["blocks", "cycles"])
+def test_fsdp2_with_activation_checkpointing_matches_single_process(tmp_path, mode):
+    """Guards activation checkpointing under FSDP2: the backward's recomputation must find the
+    recomputed blocks' parameters gathered (FSDP2 regathers a unit that a checkpointed region
+    needs again, also for HRM's units called several times per forward), so 2 gloo ranks with
+    checkpointing give the losses and final weights of 1 process without it."""
+    sys.path.insert(0, str(HERE))
+    from dist_worker import run
+
+    extra = ["model.arch=hrm"]
+    single = run(str(tmp_path / "single.json"), str(tmp_path / "single"), 2, dist=CPU,
+                 extra=extra)
+    done = _torchrun([str(HERE / "dist_worker.py"), str(tmp_path / "dist.json"),
+                      str(tmp_path / "dist"), "1", *extra, f"activation_checkpointing={mode}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = json.loads((tmp_path / "single.json").read_text())
+    torch.testing.assert_close(json.loads((tmp_path / "dist.json").read_text()), expected,
+                               rtol=2e-5, atol=2e-5)
+    model = PrefixLM(single.cfg.model)
+    load_model_weights(tmp_path / "dist" / "checkpoints" / "step_00000004", model, use_ema=False)
+    for (name, a), b in zip(single.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a.detach(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_torchrun_training_with_evaluation_wandb_and_checkpointing(tmp_path):
+    """Guards the training conveniences under torchrun: eval_every with a generated-answer task
+    on every rank (without rank 0's tokens the ranks could decode differently and hang), the
+    best checkpoint written once, W&B on rank 0 only, HRM's cycles checkpointed."""
+    from evalhelpers import MMLU, MMLU_SHOTS
+
+    task = tmp_path / "mmlu.yaml"
+    task.write_text(f"preset: mmlu\ndata: {MMLU}\nshots: {MMLU_SHOTS}\nnum_shots: 1\n")
+    run_dir = tmp_path / "run"
+    env_home = tmp_path / "wandb-home"
+    done = _torchrun(["-m", "prefixlm", "train", f"run_dir={run_dir}", "steps=4",
+                      "synthetic_train=300", "synthetic_eval=40", "capacity=512",
+                      "model.hidden=32", "model.heads=2", "model.arch=hrm", "progress=false",
+                      "eval_every=2", f"eval_tasks={task}", "eval_task_condition=none",
+                      "best_metric=eval/mmlu/acc", "wandb=true", "tensorboard=false",
+                      "activation_checkpointing=cycles"],
+                     env={"WANDB_MODE": "offline", "WANDB_CACHE_DIR": str(env_home),
+                          "WANDB_CONFIG_DIR": str(env_home), "WANDB_DATA_DIR": str(env_home)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4] and all("mmlu/acc" in r for r in evals)
+    assert (run_dir / "checkpoints" / "best" / "best.json").is_file()
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert "task mmlu: acc" in done.stdout
