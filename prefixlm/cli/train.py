@@ -73,8 +73,9 @@ def _eval(args) -> int:
             raise ValueError(f"no held-out data recorded for {ckpt}; pass --data FILE.jsonl|DIR")
     path = Path(data)
     if path.is_file():
-        if args.data is not None or not cfg.tokenizer == "byte":
-            # The checkpoint's own copy: the original tokenizer path may have moved since.
+        if (ckpt / "tokenizer").is_dir():
+            # The checkpoint's own copy (with its markers and conditions): the original tokenizer
+            # may have moved since, or have come from a prepared dataset.
             cfg.tokenizer = str(ckpt / "tokenizer")
         work_dir = Path(args.work_dir) if args.work_dir else ckpt.parent.parent / "data"
         path = prepared_dataset(path, work_dir, cfg, dist, f"eval-{path.stem}")

@@ -250,5 +250,5 @@ def load_trained(path: str | Path, use_ema: bool | None = None, device="cpu",
     model = PrefixLM(cfg.model, backend=backend)
     load_model_weights(ckpt, model, use_ema=cfg.use_ema if use_ema is None else use_ema)
     tok_dir = ckpt / "tokenizer"
-    tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.tokenizer)
+    tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.tokenizer or "byte")
     return model.to(device).eval(), cfg, tokenizer, ckpt

@@ -1,5 +1,6 @@
 """V1 reader: HRM-Text layout (non-contiguous responses) and validation errors."""
 
+import json
 import re
 
 import numpy as np
@@ -19,6 +20,12 @@ def test_reads_hrm_layout_with_gaps(tmp_path):
         assert a.tolist() == inst and b.tolist() == resp
 
 
+def _edit_metadata(path, **values):
+    meta = json.loads((path / "metadata.json").read_text())
+    meta.update(values)
+    (path / "metadata.json").write_text(json.dumps(meta))
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda p: (p / "tokens.npy").unlink(), "tokens.npy: missing file"),
     (lambda p: (p / "epoch_0" / "resp_len.npy").unlink(), "resp_len.npy: missing file"),
@@ -33,7 +40,8 @@ def test_reads_hrm_layout_with_gaps(tmp_path):
      "inst_start < 0"),
     (lambda p: np.save(p / "epoch_0" / "resp_len.npy", np.zeros(5, np.int64)), "resp_len = 0"),
     (lambda p: np.save(p / "epoch_0" / "inst_len.npy", np.ones(5, np.float32)), "expected integers"),
-    (lambda p: np.save(p / "tokens.npy", np.zeros(3, np.int32)), "metadata.json says total_length"),
+    (lambda p: np.save(p / "tokens.npy", np.zeros(3, np.int32)), "> len(tokens) = 3"),
+    (lambda p: _edit_metadata(p, max_seq_len=3), "exceeds metadata.json's max_seq_len 3"),
 ])
 def test_validation_errors(tmp_path, damage, message):
     """Guards each validation: a damaged dataset gives a clear ValueError naming the problem."""

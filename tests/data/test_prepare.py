@@ -163,7 +163,7 @@ def test_empty_file(tmp_path):
 
 def test_interrupted_write_keeps_old_dataset(tmp_path, monkeypatch):
     """Guards atomicity: an exception mid-write leaves the older dataset intact and no temp files."""
-    import prefixlm.data.prepare as prep
+    import prefixlm.data.writer as writer
 
     src = write_jsonl(tmp_path / "in.jsonl", random_rows(20))
     prepare_sft([src], tmp_path / "out", context_size=4097, **Q)
@@ -171,7 +171,7 @@ def test_interrupted_write_keeps_old_dataset(tmp_path, monkeypatch):
 
     def boom(*args):
         raise KeyboardInterrupt
-    monkeypatch.setattr(prep, "_write_npy_from_raw", boom)
+    monkeypatch.setattr(writer, "_write_npy_from_raw", boom)
     src2 = write_jsonl(tmp_path / "in2.jsonl", random_rows(30, seed=1))
     with pytest.raises(KeyboardInterrupt):
         prepare_sft([src2], tmp_path / "out", context_size=4097, overwrite=True, **Q)
@@ -187,11 +187,12 @@ def test_killed_write_keeps_old_dataset(tmp_path, where):
     prepare_sft([src], tmp_path / "out", context_size=4097, **Q)
     before = (tmp_path / "out" / "tokens.npy").read_bytes()
     src2 = write_jsonl(tmp_path / "in2.jsonl", random_rows(30, seed=1))
-    target = "_write_npy_from_raw" if where == "tokenize" else "_commit"
+    target = "_write_npy_from_raw" if where == "tokenize" else "commit"
     script = textwrap.dedent(f"""
         import os, signal
         import prefixlm.data.prepare as prep
-        prep.{target} = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+        import prefixlm.data.writer as writer
+        writer.{target} = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
         prep.prepare_sft([{str(src2)!r}], {str(tmp_path / "out")!r}, context_size=4097,
                          overwrite=True, progress=False)
     """)
@@ -218,11 +219,17 @@ def test_deterministic_and_epochs_shuffled(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", random_rows(200))
     for name in ("a", "b"):
         prepare_sft([src], tmp_path / name, context_size=4097, epochs=3, seed=7, **Q)
-    files = ["tokens.npy", "metadata.json", "tokenizer.json"] + [
+    files = ["tokens.npy", "tokenizer.json", "rows.jsonl"] + [
         f"epoch_{k}/{f}.npy" for k in range(3) for f in ("inst_start", "inst_len", "resp_start",
                                                          "resp_len")]
     for f in files:
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    for f in ("metadata.json", "tokenizer_info.json"):  # the same but for the folder they name
+        a, b = (json.loads((tmp_path / d / f).read_text()) for d in "ab")
+        info_a, info_b = (x.get("tokenizer_info", x) for x in (a, b))
+        assert (info_a.pop("tokenizer_path"), info_b.pop("tokenizer_path")) == (
+            str((tmp_path / "a").resolve()), str((tmp_path / "b").resolve()))
+        assert a == b, f
     ds = V1Dataset(tmp_path / "a")
     e0, e1 = ds.epoch(0), ds.epoch(1)
     assert not np.array_equal(e0.inst_start, e1.inst_start)
