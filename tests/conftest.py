@@ -29,3 +29,13 @@ def prepared_dir(tmp_path_factory):
     prepare_sft([str(root / "train.jsonl")], str(root / "prepared"), context_size=64,
                 progress=False)
     return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def hrm_fixtures(tmp_path_factory):
+    """HRM-Text's and data_io's layouts built from their documented formats (tests/hrmformats.py):
+    a data_io sampled folder, a data_io tokenized folder, an HRM-Text SFT folder, the tokenizer."""
+    pytest.importorskip("tokenizers", reason="the HF tokenizer of the fixtures needs `tokenizers`")
+    from hrmformats import build_fixtures
+
+    return build_fixtures(tmp_path_factory.mktemp("hrm"))

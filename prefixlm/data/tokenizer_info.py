@@ -75,8 +75,9 @@ def rendering_of(info: dict, source: Path) -> dict:
     """load_tokenizer's keyword arguments for the markers, conditions and rendering options that
     `info` records (empty: it records none, prefixlm's defaults apply)."""
     if _is_ours(info):
+        # A dataset we wrote before default conditions existed gave rows without one none.
         return {"special_tokens": info["special_tokens"], "conditions": info.get("conditions"),
-                "default_condition": info.get("default_condition", AUTO),
+                "default_condition": info.get("default_condition"),
                 "parse_special_tokens": info.get("special_text") == "parsed"}
     if _is_hrm_text(info):
         missing = [k for k in ("eoa",) if not isinstance(info.get(k), str) or not info[k]]
@@ -152,9 +153,9 @@ def resolve_tokenizer_file(info: dict, directory: Path, override=None, source=No
     hint = (f" (tokenizer_path {stored!r} may be a Hugging Face Hub id: download its "
             f"{TOKENIZER_FILE}, e.g. with `huggingface-cli download {stored} {TOKENIZER_FILE}`)"
             if isinstance(stored, str) and _hub_cache_file(stored) is not None else "")
-    raise FileNotFoundError(f"{source or directory}: cannot find the dataset's tokenizer; looked "
-                            f"at {looked}{hint}; pass tokenizer=PATH (a tokenizer.json or a "
-                            f"folder holding one)")
+    raise FileNotFoundError(f"{source or directory}: cannot find the dataset's tokenizer (a "
+                            f"tokenizer.json, or a folder holding one); looked at {looked}{hint}; "
+                            f"pass tokenizer=PATH")
 
 
 def check_matches(tok, info: dict, source: Path, where) -> None:

@@ -222,12 +222,13 @@ class DatasetWriter:
 
     def __init__(self, output, inputs=(), *, overwrite: bool = False, tokens_dtype=np.int32,
                  log=None):
+        # Leftovers first: a restored `.old-` dataset must then count as existing.
+        self.removed_leftovers = clean_leftovers(Path(output), log)
         self.output = check_output(output, inputs, overwrite)
         self.final = self.output.resolve()
         self.tokens_dtype = np.dtype(tokens_dtype)
         self.log = log
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.removed_leftovers = clean_leftovers(self.output, log)
         name = f".{self.output.name}.tmp-{os.getpid()}@{_host()}-{uuid.uuid4().hex[:8]}"
         self.path = self.output.parent / name
         try:

@@ -99,7 +99,7 @@ class TrainConfig:
         # A sample of n tokens feeds n - 1 (the last is only predicted): context 4097 at
         # capacity 4096 is HRM-Text's own setting. A prepared dataset brings its own lengths
         # (the loader checks each sample against the capacity).
-        if self.context_size - 1 > self.capacity and not Path(self.data).is_dir():
+        if self.context_size - 1 > self.capacity and not (self.data and Path(self.data).is_dir()):
             raise ValueError(f"context_size - 1 ({self.context_size - 1}, the tokens a longest "
                              f"sample feeds) must fit in capacity ({self.capacity})")
         return self
