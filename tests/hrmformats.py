@@ -1,4 +1,4 @@
-"""The on-disk formats of HRM-Text and data_io, rebuilt from their documented behaviour for the tests.
+"""The on-disk formats of HRM-Text and data_io, rebuilt from their documented behaviour.
 
 Writers (what the foreign tools write; /work/notes/data_formats.md sections 1-3 describe them, and
 the research recipe these follow was checked byte for byte against the real scripts):
@@ -46,7 +46,8 @@ INDEX_FIELDS = ("inst_start", "inst_len", "resp_start", "resp_len")
 IGNORE = -100
 CORPUS = [
     "What is two plus two? The answer is four.",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+    "in May.",
     "Write a short poem about the sea. The sea is wide and deep and blue.",
     "Translate to French: good morning. Bonjour.",
     "Let x be the number of apples. Then x + 3 = 7, so x = 4.",
@@ -135,7 +136,8 @@ def data_io_tokenize(raw_dir: Path, out: Path, tokenizer_path: str, tok_file: Pa
 def _rule(name: str, rules: list[dict]) -> dict:
     hit = next((r for r in rules if name.startswith(r["prefix"])), {})  # first match wins
     return {"max_per_file": hit.get("max_per_file"),
-            "long_context": hit.get("long_context", "truncate"), "repeat": int(hit.get("repeat", 1))}
+            "long_context": hit.get("long_context", "truncate"),
+            "repeat": int(hit.get("repeat", 1))}
 
 
 def data_io_sample(tokenized: Path, out: Path, rules: list[dict], epochs: int, seed: int = 0,

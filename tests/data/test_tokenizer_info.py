@@ -1,4 +1,4 @@
-"""tokenizer_info: markers and conditions from either tool's keys, and where the tokenizer is found."""
+"""tokenizer_info: markers and conditions from either tool's keys, where the tokenizer is found."""
 
 import json
 import shutil

@@ -1,4 +1,5 @@
-"""Dataset writer: what --overwrite may replace, leftovers of killed writers, failures lose nothing."""
+"""Dataset writer: what --overwrite may replace, leftovers of killed writers, failures lose
+nothing."""
 
 import errno
 import os
