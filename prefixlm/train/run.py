@@ -56,8 +56,9 @@ def file_digest(path: Path) -> str:
 
 
 def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Dist,
-                     name: str) -> Path:
-    """A prepared dataset directory for `path` (JSONL file or already prepared directory)."""
+                     name: str, tokenizer=None) -> Path:
+    """A prepared dataset directory for `path` (JSONL file or already prepared directory);
+    a JSONL is tokenized with `tokenizer` (default: the one `cfg.tokenizer` names)."""
     path = Path(path)
     if path.is_dir():
         return path
@@ -66,7 +67,7 @@ def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Di
     # The prepared copy is named after the contents of everything it depends on (the JSONL, the
     # tokenizer's files and markers) and the settings, so editing the JSONL or replacing the
     # tokenizer.json at the same path prepares afresh instead of reusing a stale copy.
-    tokenizer = load_tokenizer(cfg.tokenizer or "byte")
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or "byte")
     key = json.dumps([file_digest(path), tokenizer.fingerprint(), cfg.context_size, cfg.seed,
                       FORMAT])
     target = out_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
@@ -101,7 +102,9 @@ def build_data(cfg: TrainConfig, dist: Dist) -> RunData:
                           seed=cfg.seed, device=dist.device, min_causal=cfg.min_causal)
     eval_dataset = None
     if eval_src:
-        eval_dataset = V1Dataset(str(prepared_dataset(eval_src, data_dir, cfg, dist, "heldout")))
+        # Held-out JSONL is tokenized as the training data was (a given dataset's markers too).
+        eval_dataset = V1Dataset(str(prepared_dataset(eval_src, data_dir, cfg, dist, "heldout",
+                                                      tokenizer)))
     return RunData(loader, eval_dataset, tokenizer, train_dir, eval_src,
                    data_notes(dataset, tokenizer, cfg.min_causal) if given_dir else [])
 

@@ -145,10 +145,18 @@ def test_train_on_foreign_folders_as_they_are(hrm_fixtures, tmp_path, capsys, wh
     `special token inst_begin '<|inst|>' is not in the tokenizer's vocabulary` (and data_io's was
     refused for its total_length). It must train with the dataset's tokenizer, markers and
     conditions, say how many samples the loader skips per epoch, and leave a checkpoint that
-    generates with HRM-Text's default condition."""
+    generates with HRM-Text's default condition. Held-out JSONL must be tokenized with the
+    dataset's tokenizer and markers, not the byte tokenizer."""
     run = tmp_path / "run"
-    assert main(["train", f"data={hrm_fixtures[which]}", f"run_dir={run}", *FOREIGN]) == 0
+    held_out = f"eval_data={hrm_fixtures['sft_input']}"  # JSONL: tokenized as the dataset was
+    assert main(["train", f"data={hrm_fixtures[which]}", f"run_dir={run}", held_out,
+                 *FOREIGN]) == 0
     out = capsys.readouterr().out
+    assert "held-out exact match" in out and "of 3 samples" in out
+    from prefixlm.data import V1Dataset
+    (held_out_dir,) = (run / "data").glob("heldout-*")
+    assert V1Dataset(held_out_dir).tokenizer().eoa_id == V1Dataset(hrm_fixtures[which]) \
+        .tokenizer().eoa_id
     skipped = "2 (epoch 0: 1, epoch 1: 1)" if which == "sampled" else "none"
     assert f"fewer than min_causal=1 causal tokens: {skipped}" in out
     assert "conditions direct, cot, noisy, synth" in out
