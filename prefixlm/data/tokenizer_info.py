@@ -13,8 +13,9 @@ tokenizer/, an export, HRM-Text's SFT output, data_io's tokenized root) in token
     vocab_size         with added tokens
   prefixlm's keys, written beside them: kind, special_tokens, special_ids, conditions,
     condition_ids, default_condition, special_text ("plain" | "parsed").
-Ours win where both are present; with HRM-Text's keys only, pad is id 0 (as HRM-Text pads) and the
-default condition follows `tokenizer.DEFAULT_CONDITION`.
+Ours win where both are present; with HRM-Text's keys only, pad is the `pad` key's token when
+there is one (model directories write it), else id 0 (as HRM-Text pads), and the default condition
+follows `tokenizer.DEFAULT_CONDITION`.
 
 Where the tokenizer file is looked for, first hit wins (a folder stands for FOLDER/tokenizer.json):
   1. the override (`tokenizer=` of the train config, `inspect --tokenizer`);
@@ -90,7 +91,7 @@ def rendering_of(info: dict, source: Path) -> dict:
                              f"{{name: token}}, got {type(mapping).__name__}")
         return {"special_tokens": {"inst_begin": info.get("boq") or None,
                                    "inst_end": info.get("eoq") or None,
-                                   "eoa": info["eoa"], "pad": None},
+                                   "eoa": info["eoa"], "pad": info.get("pad") or None},
                 "conditions": mapping}
     return {}
 

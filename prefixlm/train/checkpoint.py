@@ -29,15 +29,21 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..data.tokenizer import load_tokenizer
 from ..fsutil import fsync_dir, write_bytes
-from ..model import PrefixLM
-from .config import config_from_dict
+from ..model import PrefixLM, hrm_text
+from .config import TrainConfig, config_from_dict
 from .distributed import all_reduce, barrier
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
-           "CheckpointError", "load_model_weights", "resolve_checkpoint", "load_trained"]
+           "CheckpointError", "load_model_weights", "resolve_checkpoint", "load_trained",
+           "checkpoint_config", "checkpoint_tokenizer"]
 
 COMMIT = "COMMIT"
 _NAME = re.compile(r"^step_(\d+)$")
+# Model config keys and weight names only prefixlm's architecture before the HRM-Text model had.
+_OLD_CONFIG_KEYS = ("tie_embeddings", "init_std", "grad_cycles", "H_layers", "L_layers")
+_OLD_WEIGHT = "model.embed.weight"
+OLD_ARCHITECTURE = ("it was written by prefixlm's architecture from before the HRM-Text model, "
+                    "whose weights do not load into this one (README, Training); train it again")
 
 
 class CheckpointError(ValueError):
@@ -150,7 +156,28 @@ def _warn(msg: str, rank: int):
         print(f"prefixlm: warning: {msg}", file=sys.stderr)
 
 
+def _check_layout(path: Path, model) -> None:
+    """CheckpointError naming the first weight of `model` that the checkpoint lacks or holds in
+    another shape (DCP's own errors name neither), or saying it is of the old architecture."""
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 -- an unreadable checkpoint is reported by the load itself
+        return
+    if _OLD_WEIGHT in saved:
+        raise CheckpointError(f"checkpoint {path}: {OLD_ARCHITECTURE}")
+    for name, tensor in model.state_dict().items():
+        entry = saved.get(f"model.{name}")
+        if entry is None:
+            raise CheckpointError(f"checkpoint {path} has no weight {name} "
+                                  f"{tuple(tensor.shape)}: it holds another model")
+        size = getattr(entry, "size", None)
+        if size is not None and tuple(size) != tuple(tensor.shape):
+            raise CheckpointError(f"checkpoint {path}: weight {name} has shape {tuple(size)}, "
+                                  f"the model has {tuple(tensor.shape)}")
+
+
 def _load_one(path: Path, model, optimizer, ema: dict | None, rank: int) -> tuple[int, dict]:
+    _check_layout(path, model)
     state = _train_state(model, optimizer, ema, 0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -203,6 +230,7 @@ def load_model_weights(path: str | Path, model, use_ema: bool = True) -> bool:
     reason = verify(path)
     if reason is not None:
         raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
+    _check_layout(path, model)
     state = {"model": model.state_dict()}
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     has_ema = any(key.startswith("ema.") for key in metadata.state_dict_metadata)
@@ -237,18 +265,39 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint in {path} (looked for step_*/{COMMIT})")
 
 
-def load_trained(path: str | Path, use_ema: bool | None = None, device="cpu",
-                 backend: str = "auto"):
-    """(model in eval mode with attention `backend`, its run config, its tokenizer, the
-    checkpoint directory) from a run directory or a checkpoint."""
-    ckpt = resolve_checkpoint(path)
+def checkpoint_config(ckpt: Path) -> TrainConfig:
+    """The run config a committed checkpoint recorded (config.yaml)."""
     config_file = ckpt / "config.yaml"
     if not config_file.is_file():
         raise CheckpointError(f"{ckpt} has no config.yaml")
-    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    values = yaml.safe_load(config_file.read_text())
+    model = values.get("model") if isinstance(values, dict) else None
+    if isinstance(model, dict) and any(key in model for key in _OLD_CONFIG_KEYS):
+        raise CheckpointError(f"checkpoint {ckpt}: {OLD_ARCHITECTURE}")
+    return config_from_dict(values)
+
+
+def checkpoint_tokenizer(ckpt: Path, cfg: TrainConfig):
+    """The tokenizer a checkpoint carries (tokenizer/, with its markers in tokenizer_info.json),
+    else the run's `tokenizer` setting."""
+    tok_dir = ckpt / "tokenizer"
+    if (tok_dir / hrm_text.TOKENIZER_INFO_FILE).is_file():
+        return hrm_text.read_tokenizer(tok_dir)
+    return load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.tokenizer or "byte")
+
+
+def load_trained(path: str | Path, use_ema: bool | None = None, device="cpu",
+                 backend: str = "auto"):
+    """(model in eval mode with attention `backend`, its run config, its tokenizer, the
+    checkpoint directory) from a run directory, a checkpoint, or an `hrm_text` directory (whose
+    run config is the defaults around its model, and whose tokenizer may be None)."""
+    if hrm_text.is_hrm_text_dir(path):
+        model = hrm_text.load_model(path, device=device, backend=backend)
+        cfg = TrainConfig(model=model.cfg, attention_backend=backend)
+        return model, cfg, hrm_text.read_tokenizer(path), Path(path)
+    ckpt = resolve_checkpoint(path)
+    cfg = checkpoint_config(ckpt)
     cfg.attention_backend = backend
     model = PrefixLM(cfg.model, backend=backend)
     load_model_weights(ckpt, model, use_ema=cfg.use_ema if use_ema is None else use_ema)
-    tok_dir = ckpt / "tokenizer"
-    tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.tokenizer or "byte")
-    return model.to(device).eval(), cfg, tokenizer, ckpt
+    return model.to(device).eval(), cfg, checkpoint_tokenizer(ckpt, cfg), ckpt

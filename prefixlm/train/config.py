@@ -35,10 +35,13 @@ class TrainConfig:
     # (ours, HRM-Text's SFT output or data_io's sampled output).
     data: str = ""
     eval_data: str = ""          # JSONL or prepared dir; "" with synthetic data: its held-out split
-    # "": byte for JSONL data, the dataset's own for a prepared dir (as its tokenizer_info names
-    # it). Else "byte", a tokenizer.json or a tokenizer folder; for a prepared dir it replaces the
-    # tokenizer file only (markers and conditions are the dataset's).
+    # "": byte for JSONL data (with init_from: its tokenizer), the dataset's own for a prepared dir
+    # (as its tokenizer_info names it). Else "byte", a tokenizer.json or a tokenizer folder; for a
+    # prepared dir it replaces the tokenizer file only (markers and conditions are the dataset's).
     tokenizer: str = ""
+    # Start from these weights (an hrm_text directory or a prefixlm run/checkpoint): weights only,
+    # a fresh optimizer; the configured model must have their shapes.
+    init_from: str = ""
     context_size: int = 256      # longest sample prepare_sft keeps (inst_len + resp_len)
     min_causal: int = 1          # the loader skips samples with fewer causal tokens (and says so)
     synthetic_train: int = 20000

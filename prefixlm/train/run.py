@@ -5,6 +5,7 @@ writes the built-in synthetic task (train and held-out JSONL) into <run_dir>/dat
 Preparation runs on rank 0 once per run directory (a resumed run reuses it), the others wait.
 A prepared directory (ours, HRM-Text's SFT output, data_io's sampled output) is read as it is, with
 the tokenizer, markers and conditions its tokenizer_info names (`tokenizer=` replaces the file).
+With `init_from`, the data is tokenized with the source's tokenizer (`train.init_from`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..data.synthetic import make_split, write_jsonl
 from .checkpoint import complete_checkpoints
 from .config import TrainConfig
 from .distributed import Dist, barrier, setup, teardown
+from .init_from import check_model, init_source
 from .trainer import NonFiniteLossError, Trainer
 
 __all__ = ["RunData", "RunError", "build_data", "eval_batches_from", "run_eval_source",
@@ -57,8 +59,8 @@ def file_digest(path: Path) -> str:
 
 def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Dist,
                      name: str, tokenizer=None) -> Path:
-    """A prepared dataset directory for `path` (JSONL file or already prepared directory);
-    a JSONL is tokenized with `tokenizer` (default: the one `cfg.tokenizer` names)."""
+    """A prepared dataset directory for `path` (JSONL file or already prepared directory); a
+    JSONL is tokenized with `tokenizer` (an object from `load_tokenizer`; None: `cfg.tokenizer`)."""
     path = Path(path)
     if path.is_dir():
         return path
@@ -79,7 +81,8 @@ def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Di
     return target
 
 
-def build_data(cfg: TrainConfig, dist: Dist) -> RunData:
+def build_data(cfg: TrainConfig, dist: Dist, tokenizer=None) -> RunData:
+    """The run's loader and held-out set, tokenized with `tokenizer` (None: `cfg.tokenizer`)."""
     data_dir = Path(cfg.run_dir) / "data"
     train_src, eval_src = cfg.data, cfg.eval_data
     if not train_src:
@@ -92,7 +95,7 @@ def build_data(cfg: TrainConfig, dist: Dist) -> RunData:
             write_jsonl(train_samples, train_src)
         barrier()
         eval_src = eval_src or default_eval
-    train_dir = prepared_dataset(train_src, data_dir, cfg, dist, "train")
+    train_dir = prepared_dataset(train_src, data_dir, cfg, dist, "train", tokenizer)
     dataset = V1Dataset(str(train_dir))
     given_dir = Path(train_src).is_dir()
     tokenizer = dataset.tokenizer((cfg.tokenizer or None) if given_dir else None)
@@ -185,7 +188,16 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
                            f"pass --resume to continue it, --overwrite to start over, or "
                            f"run_dir=OTHER")
         started = time.perf_counter()
-        data = build_data(cfg, dist)
+        resuming = bool(resume_from or (resume and complete_checkpoints(ckpt_root)))
+        tokenizer, source = None, None
+        if cfg.init_from:
+            source = init_source(cfg.init_from)
+            if not cfg.tokenizer and source.tokenizer is not None:
+                tokenizer = source.tokenizer
+            if cfg.model.vocab_size == 0:
+                cfg.model.vocab_size = source.model.vocab_size
+            check_model(source, cfg.model)  # before the data is prepared
+        data = build_data(cfg, dist, tokenizer)
         vocab = data.tokenizer.vocab_size
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = vocab
@@ -197,16 +209,18 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
             eval_batches = eval_batches_from(data.eval_dataset, cfg, dist.device,
                                              cfg.eval_max_samples)
         trainer = Trainer(cfg, dist, data.train_loader, eval_batches=eval_batches,
-                          tokenizer=data.tokenizer)
+                          tokenizer=data.tokenizer, initialize=not resuming)
         say = print if dist.is_main else (lambda *a, **k: None)
         say(f"prefixlm train: {cfg.model.preset} model ({cfg.model.arch}, "
             f"{trainer.model.num_params() / 1e6:.2f}M params) on {dist.device} x{dist.world_size}, "
             f"{cfg.steps} steps of {cfg.capacity * cfg.grad_accum * dist.world_size} tokens; "
             f"data {data.train_path}; logs {Path(cfg.run_dir) / 'metrics.jsonl'}", flush=True)
+        if source is not None and not resuming:
+            say(f"initialized from {source.path} (weights only)", flush=True)
         for line in data.notes:
             say(line, flush=True)
         if resume or resume_from:
-            if complete_checkpoints(ckpt_root) or resume_from:
+            if resuming:
                 path = trainer.resume(resume_from)
                 say(f"resumed from {path} (step {trainer.step})", flush=True)
             else:

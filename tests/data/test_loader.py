@@ -135,6 +135,18 @@ def test_epochs_continue_and_differ(tmp_path):
     assert not all(_same(a, b) for a, b in zip(batches[:n], batches[n:]))
 
 
+def test_a_state_of_another_planner_is_refused(tmp_path):
+    """Guards a resume continuing with other batches unnoticed after the planner changed: a loader
+    state records the planner's version, and a state without one came from the first planner."""
+    ds, _ = _dataset(tmp_path)
+    loader = PackedLoader(ds, 160)
+    state = loader.state_dict()
+    state.pop("planner")
+    with pytest.raises(ValueError, match="planner = 1"):
+        PackedLoader(ds, 160).load_state_dict(state)
+    PackedLoader(ds, 160).load_state_dict(loader.state_dict())
+
+
 def _epoch_samples(loader, epoch):
     """{dataset sample index: count} of everything the loader feeds in `epoch`, all ranks."""
     fed = {}
