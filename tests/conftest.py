@@ -49,3 +49,13 @@ def memorised_run(tmp_path_factory):
     from evalhelpers import train_memoriser
 
     return train_memoriser(tmp_path_factory.mktemp("memorised"))
+
+
+@pytest.fixture(scope="session")
+def hrm_fixtures(tmp_path_factory):
+    """HRM-Text's and data_io's layouts built from their documented formats (tests/hrmformats.py):
+    a data_io sampled folder, a data_io tokenized folder, an HRM-Text SFT folder, the tokenizer."""
+    pytest.importorskip("tokenizers", reason="the HF tokenizer of the fixtures needs `tokenizers`")
+    from hrmformats import build_fixtures
+
+    return build_fixtures(tmp_path_factory.mktemp("hrm"))

@@ -20,45 +20,62 @@ def _key_values(items, flag):
 
 def _prepare(args) -> int:
     from ..data.prepare import prepare_sft
-    from ..data.tokenizer import condition_token, parse_special_tokens
+    from ..data.tokenizer import (AUTO, HRM_TEXT_CONDITIONS, HRM_TEXT_SPECIAL_TOKENS,
+                                  condition_token, parse_special_tokens)
 
-    conditions = None
+    special_tokens = dict(HRM_TEXT_SPECIAL_TOKENS) if args.hrm_text_tokens else {}
+    special_tokens.update(parse_special_tokens(args.special_token))
+    conditions = dict(HRM_TEXT_CONDITIONS) if args.hrm_text_tokens else None
     if args.conditions or args.condition_token:
+        conditions = conditions or {}
         names = [c for c in (args.conditions or "").split(",") if c]
-        conditions = {name: condition_token(name) for name in names}
+        conditions.update({name: condition_token(name) for name in names})
         conditions.update(_key_values(args.condition_token, "--condition-token"))
+    if args.no_default_condition and args.default_condition:
+        raise ValueError("--default-condition and --no-default-condition exclude each other")
+    default = None if args.no_default_condition else (args.default_condition or AUTO)
     report = prepare_sft(args.input, args.output, tokenizer=args.tokenizer,
                          context_size=args.context_size, epochs=args.epochs, seed=args.seed,
                          truncation=args.truncation, min_response_tokens=args.min_response_tokens,
+                         min_prefix_tokens=args.min_prefix_tokens,
                          skip_invalid=args.skip_invalid, progress=not args.quiet,
-                         special_tokens=parse_special_tokens(args.special_token),
-                         conditions=conditions, overwrite=args.overwrite,
-                         log=(lambda m: None) if args.quiet else print)
+                         special_tokens=special_tokens or None, conditions=conditions,
+                         default_condition=default,
+                         parse_special_tokens=True if args.parse_special_tokens else None,
+                         overwrite=args.overwrite, log=(lambda m: None) if args.quiet else print)
     return 0 if report["samples"] else 1
 
 
 def _inspect(args) -> int:
     from ..data.dataset import V1Dataset
-    from ..data.inspect import format_summary, render_batch, summarize
+    from ..data.inspect import describe_tokenizer, format_summary, render_batch, summarize
 
     dataset = V1Dataset(args.dir)
+    try:
+        tokenizer = dataset.tokenizer(args.tokenizer)
+        about_tokenizer = describe_tokenizer(tokenizer)
+    except (ValueError, OSError, ImportError) as exc:
+        if args.tokenizer:
+            raise
+        tokenizer, about_tokenizer = None, str(exc)
+    # Every index and every token id is checked: a bad one is an error here, not in training.
+    vocab = dataset.vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
+    dataset.validate(vocab, progress=True)
+    summary = summarize(dataset, args.epoch, args.min_causal)
+    summary["tokenizer"] = about_tokenizer
     if args.json:
-        print(json.dumps(summarize(dataset, args.epoch), indent=1))
+        print(json.dumps(summary, indent=1))
     else:
-        print(format_summary(summarize(dataset, args.epoch)))
+        print(format_summary(summary))
     if args.batch is not None:
         from ..data.loader import PackedLoader
         capacity = args.capacity or dataset.max_seq_len - 1
         loader = PackedLoader(dataset, capacity, rank=args.rank, world_size=args.world_size,
-                              seed=args.seed, prefetch=0)
+                              seed=args.seed, prefetch=0, min_causal=args.min_causal)
         steps = loader.steps_in_epoch(args.epoch)
         if not 0 <= args.batch < steps:
             raise ValueError(f"--batch {args.batch}: epoch {args.epoch} has {steps} batches "
                              f"at capacity {capacity}")
-        try:
-            tokenizer = dataset.tokenizer()
-        except (ValueError, FileNotFoundError, ImportError):
-            tokenizer = None
         print()
         print(render_batch(loader, args.epoch, args.batch, tokenizer, args.max_tokens))
     return 0
@@ -71,7 +88,10 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="JSONL files")
     p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer.json")
+    p.add_argument("--tokenizer", default="byte",
+                   help="'byte', a tokenizer.json, or a folder: a prepared dataset (ours, "
+                        "HRM-Text's or data_io's) or a tokenizer folder with tokenizer_info.json, "
+                        "whose markers and conditions are then used")
     p.add_argument("--context-size", type=int, required=True, metavar="N",
                    help="inst_len + resp_len <= N (the model reads N - 1 tokens per sample)")
     p.add_argument("--epochs", type=int, default=1, help="epoch_k folders, each its own order")
@@ -80,6 +100,8 @@ def register(subparsers) -> None:
                    default="drop")
     p.add_argument("--min-response-tokens", type=int, default=1, metavar="K",
                    help="drop samples with fewer causal tokens (causal_len = resp_len - 1)")
+    p.add_argument("--min-prefix-tokens", type=int, default=1, metavar="K",
+                   help="truncate-prefix keeps at least K instruction tokens, else drops the row")
     p.add_argument("--skip-invalid", action="store_true", help="count and skip bad rows")
     p.add_argument("--special-token", action="append", metavar="ROLE=TOKEN",
                    help="override a special token (roles inst_begin, inst_end, eoa, pad; "
@@ -87,7 +109,21 @@ def register(subparsers) -> None:
     p.add_argument("--conditions", metavar="A,B", help="condition names (tokens <|cond:NAME|>)")
     p.add_argument("--condition-token", action="append", metavar="NAME=TOKEN",
                    help="condition with an explicit token")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
+    p.add_argument("--hrm-text-tokens", action="store_true",
+                   help="HRM-Text's and data_io's default markers and conditions: inst_begin "
+                        "<|im_start|>, inst_end <|im_end|>, eoa <|box_end|>, no pad token (id 0), "
+                        "conditions direct, cot, noisy, synth (--special-token and "
+                        "--condition-token change single ones)")
+    p.add_argument("--default-condition", metavar="NAME",
+                   help="condition of rows without one (default: 'direct' when declared, what "
+                        "HRM-Text's inference prepends; else none)")
+    p.add_argument("--no-default-condition", action="store_true",
+                   help="rows without a condition get no condition token")
+    p.add_argument("--parse-special-tokens", action="store_true",
+                   help="special-token strings inside the text become their ids (default: plain "
+                        "text, as data_io encodes them; the report counts such rows)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset prefixlm wrote (nothing else is replaced)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_prepare)
 
@@ -103,4 +139,9 @@ def register(subparsers) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--max-tokens", type=int, default=400, help="tokens shown by --batch")
     q.add_argument("--json", action="store_true", help="summary as JSON")
+    q.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.json to use instead of the one the dataset names")
+    q.add_argument("--min-causal", type=int, default=1, metavar="K",
+                   help="count (and, with --batch, skip) samples with fewer causal tokens, as "
+                        "training does with min_causal")
     q.set_defaults(func=_inspect)

@@ -70,7 +70,7 @@ def _tasks_from(args) -> list:
         task.shots = shots.get(task.name, task.shots)
         task.num_shots = num_shots.get(task.name, task.num_shots)
         if args.condition is not None:
-            task.condition = None if args.condition in ("", "none") else args.condition
+            task.condition = "" if args.condition in ("", "none") else args.condition
         if args.limit:
             task.limit = args.limit
         generation = task.generation

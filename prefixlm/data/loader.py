@@ -11,6 +11,11 @@ and every causal position with the next response token. The other prefix positio
 supervised: a prefix token attends bidirectionally to the whole prefix, including the token it would
 predict. Padding up to `capacity`: input `pad_id`, label -100, position 0. Sample boundaries come from
 the lengths alone (`SeqInfo`), never from positions.
+
+Samples with fewer than `min_causal` causal tokens (default 1) are skipped, and counted per epoch
+(`skipped`): data_io's `truncate` mode writes samples with resp_len 1 (causal_len 0), which train
+only their last prefix row; HRM-Text feeds them, so skipping them packs differently from it.
+Datasets prepare-sft writes hold none (it drops them when writing).
 """
 
 from __future__ import annotations
@@ -55,8 +60,11 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
 
 
 def assemble_batch(tokens: np.ndarray, index: EpochIndex, sample_ids: np.ndarray, capacity: int,
-                   pad_id: int = 0):
-    """Host arrays of one batch: (rows (3, capacity) int64 = inputs/labels/positions, prefix, causal)."""
+                   pad_id: int = 0, vocab_size: int | None = None):
+    """Host arrays of one batch: (rows (3, capacity) int64 = inputs/labels/positions, prefix,
+    causal).
+
+    vocab_size: when given, a token id outside [0, vocab_size) is a ValueError naming the sample."""
     ids = np.asarray(sample_ids, np.int64)
     inst_len = index.inst_len[ids]
     resp_len = index.resp_len[ids]
@@ -70,6 +78,11 @@ def assemble_batch(tokens: np.ndarray, index: EpochIndex, sample_ids: np.ndarray
     seg_len = np.stack([inst_len, resp_len], 1).ravel()
     src = np.repeat(seg_start - _exclusive_cumsum(seg_len), seg_len) + np.arange(seg_len.sum())
     full = np.asarray(tokens[src], dtype=np.int64)
+    if vocab_size is not None and len(full) and (full.max() >= vocab_size or full.min() < 0):
+        at = int(np.flatnonzero((full >= vocab_size) | (full < 0))[0])
+        sample = int(np.searchsorted(np.cumsum(full_len), at, "right"))
+        raise ValueError(f"sample {int(ids[sample])} holds token id {int(full[at])} (tokens.npy "
+                         f"position {int(src[at])}), outside the vocabulary [0, {vocab_size})")
 
     sample_of = np.repeat(np.arange(len(ids)), seq_len)
     t = np.arange(total) - np.repeat(_exclusive_cumsum(seq_len), seq_len)
@@ -106,11 +119,14 @@ class PackedLoader:
 
     device: where batches go (None: stay on the CPU). On CUDA the host tensors are pinned in the
       background thread and copied asynchronously (`devices.to_device`). prefetch: batches assembled ahead in a
-      background thread (0: assemble in the caller's thread).
+      background thread (0: assemble in the caller's thread). min_causal: samples with fewer causal
+      tokens are skipped (`skipped(k)` counts them in dataset epoch k). Token ids are checked
+      against the dataset's vocab_size batch by batch.
     """
 
     def __init__(self, dataset, capacity: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, device=None, prefetch: int = 2, pad_id: int | None = None):
+                 seed: int = 0, device=None, prefetch: int = 2, pad_id: int | None = None,
+                 min_causal: int = 1):
         if not isinstance(dataset, V1Dataset):
             dataset = V1Dataset(dataset)
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
@@ -121,6 +137,10 @@ class PackedLoader:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         if not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0, got {prefetch!r}")
+        if isinstance(min_causal, bool) or not isinstance(min_causal, (int, np.integer)) \
+                or min_causal < 0:
+            raise ValueError(f"min_causal must be an int >= 0, got {min_causal!r}")
+        self.min_causal = int(min_causal)
         self.dataset = dataset
         self.capacity = int(capacity)
         self.rank, self.world_size, self.seed = int(rank), int(world_size), int(seed)
@@ -129,6 +149,7 @@ class PackedLoader:
         self.pad_id = dataset.pad_id() if pad_id is None else int(pad_id)
         self._pin = self.device is not None and self.device.type == "cuda"
         self._samplers: dict[int, MultipackSampler] = {}
+        self._kept: dict[int, np.ndarray] = {}  # dataset epoch -> indices of the samples fed
         self._plans: dict[int, PackPlan] = {}
         self._lock = threading.RLock()
         self._epoch = 0
@@ -141,13 +162,26 @@ class PackedLoader:
         k = epoch % self.dataset.num_epochs
         if k not in self._samplers:
             index = self.dataset.epoch(k)
+            kept = np.flatnonzero(index.causal_lens >= self.min_causal)
             try:
-                self._samplers[k] = MultipackSampler(index.prefix_lens, index.causal_lens,
-                                                     self.capacity, world_size=self.world_size,
-                                                     seed=self.seed)
+                sampler = MultipackSampler(index.prefix_lens[kept], index.causal_lens[kept],
+                                           self.capacity, world_size=self.world_size,
+                                           seed=self.seed)
             except ValueError as exc:
                 raise ValueError(f"{self.dataset.path} epoch_{k}: {exc}") from None
+            self._kept[k] = kept
+            self._samplers[k] = sampler
         return self._samplers[k]
+
+    def skipped(self, k: int) -> int:
+        """Samples of dataset epoch k with fewer than min_causal causal tokens (never fed)."""
+        self._sampler_for(k)
+        return len(self.dataset.epoch(k)) - len(self._kept[k])
+
+    def batch_ids(self, epoch: int, step: int) -> np.ndarray:
+        """Dataset sample indices (in `epoch_{epoch % num_epochs}`) of this rank's batch."""
+        ids = self.plan(epoch).batch(step, self.rank)
+        return self._kept[epoch % self.dataset.num_epochs][ids]
 
     def plan(self, epoch: int) -> PackPlan:
         # Both the prefetch thread and the caller ask for plans; keep the last two epochs.
@@ -159,8 +193,12 @@ class PackedLoader:
                 for old in sorted(self._plans)[:-2]:
                     del self._plans[old]
         if plan.num_steps == 0:
+            k = epoch % self.dataset.num_epochs
+            skipped = self.skipped(k)
+            why = (f"; {skipped} samples with fewer than min_causal={self.min_causal} causal "
+                   f"tokens were skipped" if skipped else "")
             raise ValueError(f"epoch {epoch} yields no batch: {len(plan.dropped)} samples cannot "
-                             f"give each of the {self.world_size} ranks a batch")
+                             f"give each of the {self.world_size} ranks a batch{why}")
         return plan
 
     def steps_in_epoch(self, epoch: int) -> int:
@@ -185,11 +223,12 @@ class PackedLoader:
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "step": self._step, "seed": self.seed,
                 "world_size": self.world_size, "rank": self.rank, "capacity": self.capacity,
-                "num_samples": len(self.dataset.epoch(0)), "planner": PLANNER_VERSION}
+                "num_samples": len(self.dataset.epoch(0)), "min_causal": self.min_causal,
+                "planner": PLANNER_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
         state = {"planner": 1, **state}  # states without the key came from the first planner
-        for key in ("seed", "world_size", "capacity", "num_samples", "planner"):
+        for key in ("seed", "world_size", "capacity", "num_samples", "min_causal", "planner"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
                 raise ValueError(f"loader state has {key} = {state[key]!r} but this loader has "
@@ -208,10 +247,13 @@ class PackedLoader:
     # -- batches ------------------------------------------------------------------------------
     def host_batch(self, epoch: int, step: int):
         """(rows (3, capacity) int64, prefix_lens, causal_lens) of this rank's batch."""
-        plan = self.plan(epoch)
-        ids = plan.batch(step, self.rank)
-        index = self.dataset.epoch(epoch % self.dataset.num_epochs)
-        return assemble_batch(self.dataset.tokens, index, ids, self.capacity, self.pad_id)
+        ids = self.batch_ids(epoch, step)
+        k = epoch % self.dataset.num_epochs
+        try:
+            return assemble_batch(self.dataset.tokens, self.dataset.epoch(k), ids, self.capacity,
+                                  self.pad_id, self.dataset.vocab_size)
+        except ValueError as exc:
+            raise ValueError(f"{self.dataset.path} epoch_{k}: {exc}") from None
 
     def _produce(self, epoch: int, step: int):
         rows, prefix, causal = self.host_batch(epoch, step)

@@ -4,6 +4,9 @@
     {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
      "condition"?: str}
 
+`condition` is one tag or comma-separated tags (`"synth,cot"`), each declared; absent or null: the
+tokenizer's default condition applies.
+
 In a chat row the last assistant turn is the response and the turns before it are the instruction
 (rendered by `render_chat`); turns after it are ignored (and counted). A bad row raises ValueError
 with a message naming the field; the caller adds the file and line.
@@ -12,6 +15,8 @@ with a message naming the field; the caller adds the file and line.
 from __future__ import annotations
 
 import json
+
+from .tokenizer import split_condition
 
 __all__ = ["CHAT_ROLES", "parse_row", "render_chat"]
 
@@ -46,9 +51,7 @@ def parse_row(raw: bytes, conditions: dict):
     if condition is not None:
         if not isinstance(condition, str):
             raise ValueError(f"field 'condition' must be a string, got {type(condition).__name__}")
-        if condition not in conditions:
-            known = ", ".join(sorted(conditions)) or "none declared"
-            raise ValueError(f"unknown condition {condition!r} (declared: {known})")
+        split_condition(condition, conditions)
     trailing = 0
     if "messages" in row:
         messages = row["messages"]

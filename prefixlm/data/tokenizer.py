@@ -1,12 +1,24 @@
 """Tokenizers for prepare-sft and the loader: the built-in byte tokenizer and HuggingFace `tokenizers`.
 
-Rendering (the one place it is defined; prepare-sft writes exactly this):
+Rendering (the one place it is defined; prepare-sft writes exactly this, and so do HRM-Text's SFT
+script and data_io's tokenizer, whose `boq`/`eoq` are our `inst_begin`/`inst_end`):
 
-    prefix   = [inst_begin] [condition tokens]  encode(instruction)  [inst_end]
+    prefix   = [inst_begin] [one token per condition tag]  encode(instruction)  [inst_end]
     response = encode(response) [eoa]
 
-`inst_begin` / `inst_end` may be disabled (set to None); `eoa` and `pad` are required. A chat row's
+`inst_begin` / `inst_end` may be disabled (set to None); `eoa` is required. `pad` (what fills a
+batch after its last sample) may be None: padding rows are never read by a real row, so id 0 serves
+(HRM-Text pads with 0). A condition is one tag or comma-separated tags (`"synth,cot"`: one token
+per tag, in the row's order, no trimming, as data_io renders them). A row without one gets the
+tokenizer's `default_condition`: by default `direct` when the tokenizer declares it (HRM-Text's
+inference and evaluation prepend `direct` unless told otherwise), else none. A chat row's
 instruction text is rendered by `rows.render_chat`.
+
+Special-token strings inside the text (`"ok<|box_end|>done"`) are plain text by default, as data_io
+encodes them: the text never yields a marker id. `parse_special_tokens=True` turns them into their
+ids (HRM-Text's SFT script does that). With a HuggingFace tokenizer the plain-text rule covers the
+added tokens flagged `special` and our own markers; an added token flagged non-special is still
+matched as one token (the `tokenizers` library's rule).
 
 The byte tokenizer maps UTF-8 bytes to ids 0..255 and puts the special tokens after them (pad, inst_begin,
 inst_end, eoa, then one id per declared condition), so it runs with nothing to download.
@@ -17,26 +29,39 @@ that names it.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DEFAULT_SPECIAL_TOKENS", "condition_token", "ByteTokenizer", "HFTokenizer",
-           "load_tokenizer", "parse_special_tokens"]
+__all__ = ["DEFAULT_SPECIAL_TOKENS", "HRM_TEXT_SPECIAL_TOKENS", "HRM_TEXT_CONDITIONS",
+           "DEFAULT_CONDITION", "AUTO", "condition_token", "split_condition", "ByteTokenizer",
+           "HFTokenizer", "load_tokenizer", "tokenizer_from_file", "parse_special_tokens"]
 
 SPECIAL_ROLES = ("inst_begin", "inst_end", "eoa", "pad")
-REQUIRED_ROLES = ("eoa", "pad")
+REQUIRED_ROLES = ("eoa",)
 DEFAULT_SPECIAL_TOKENS = {
     "inst_begin": "<|inst|>",
     "inst_end": "<|/inst|>",
     "eoa": "<|eoa|>",
     "pad": "<|pad|>",
 }
+# The defaults of HRM-Text's scripts/prepare_sft_data.py and data_io's tokenizer (--boq, --eoq,
+# --eoa, --conditions); they pad with id 0 and name no pad token.
+HRM_TEXT_SPECIAL_TOKENS = {"inst_begin": "<|im_start|>", "inst_end": "<|im_end|>",
+                           "eoa": "<|box_end|>", "pad": None}
+HRM_TEXT_CONDITIONS = {"direct": "<|object_ref_start|>", "cot": "<|object_ref_end|>",
+                       "noisy": "<|quad_start|>", "synth": "<|quad_end|>"}
+# What HRM-Text's inference engine and evaluation prepend when given no condition.
+DEFAULT_CONDITION = "direct"
+AUTO = "auto"  # default_condition: DEFAULT_CONDITION when declared, else none
 TOKENIZER_FILE = "tokenizer.json"
+INFO_FILE = "tokenizer_info.json"
 BYTE_FORMAT = "prefixlm-byte-tokenizer"
 
 
@@ -88,6 +113,33 @@ def _resolve_conditions(conditions) -> dict[str, str]:
     return out
 
 
+def split_condition(condition: str, known) -> list[str]:
+    """The tags of a condition (comma-separated, no trimming, as data_io splits them), each one
+    in `known`; else ValueError naming the bad tag."""
+    tags = condition.split(",")
+    for tag in tags:
+        if tag not in known:
+            names = ", ".join(sorted(known)) or "none declared"
+            if len(tags) == 1 and tag:
+                raise ValueError(f"unknown condition {condition!r} (declared: {names})")
+            what = "an empty tag" if not tag else f"the unknown tag {tag!r}"
+            raise ValueError(f"condition {condition!r} has {what} (declared: {names}; tags are "
+                             f"comma-separated, without spaces)")
+    return tags
+
+
+def _resolve_default(default_condition, conditions: dict) -> str | None:
+    if default_condition == AUTO:
+        return DEFAULT_CONDITION if DEFAULT_CONDITION in conditions else None
+    if default_condition is None:
+        return None
+    if default_condition not in conditions:
+        known = ", ".join(sorted(conditions)) or "none declared"
+        raise ValueError(f"default condition {default_condition!r} is not declared (declared: "
+                         f"{known})")
+    return default_condition
+
+
 class _Base:
     """Shared rendering; subclasses set ids and implement `_encode_many` / `decode`."""
 
@@ -100,6 +152,25 @@ class _Base:
     condition_ids: dict[str, int]
     special_tokens: dict[str, str | None]
     conditions: dict[str, str]
+    default_condition: str | None
+    parse_special: bool
+
+    def _setup_rendering(self, default_condition, parse_special_tokens: bool) -> None:
+        self.default_condition = _resolve_default(default_condition, self.conditions)
+        self.parse_special = bool(parse_special_tokens)
+        strings = set(self._special_strings())
+        strings.update(t for t in self.special_tokens.values() if t)
+        strings.update(self.conditions.values())
+        # One alternation scans a text once (20x faster than a substring test per token).
+        self._special_text = re.compile("|".join(map(re.escape, sorted(strings)))) if strings \
+            else None
+
+    def _special_strings(self) -> list[str]:
+        return []
+
+    def holds_special_text(self, text: str) -> bool:
+        """Whether `text` holds a special-token string (plain text unless parse_special)."""
+        return self._special_text is not None and self._special_text.search(text) is not None
 
     def encode(self, text: str) -> list[int]:
         flat, _ = self._encode_many([text])
@@ -109,20 +180,21 @@ class _Base:
         """Encode many texts at once: (all ids concatenated as int32, per-text lengths as int64)."""
         return self._encode_many(texts)
 
+    def condition_tags(self, condition: str | None) -> list[str]:
+        """The tags of `condition` (None: the default condition's; "": none at all), each
+        declared; else ValueError."""
+        if condition is None:
+            condition = self.default_condition
+            if condition is None:
+                return []
+        if condition == "":
+            return []
+        return split_condition(condition, self.condition_ids)
+
     def prefix_head(self, condition: str | None = None) -> list[int]:
-        """Marker ids before the instruction text: inst_begin, then one token per name of the
-        comma-separated `condition`, in order ("synth,cot" is two tokens, as HRM-Text and
-        data_io render it); None or "" adds none."""
+        """Marker ids before the instruction text: inst_begin, then one id per condition tag."""
         head = [] if self.inst_begin_id is None else [self.inst_begin_id]
-        for name in (condition or "").split(","):
-            name = name.strip()
-            if not name and not condition:
-                continue
-            if name not in self.condition_ids:
-                known = ", ".join(sorted(self.condition_ids)) or "none declared"
-                raise ValueError(f"unknown condition {name!r} (known: {known}); declare it "
-                                 f"with --conditions")
-            head.append(self.condition_ids[name])
+        head += [self.condition_ids[tag] for tag in self.condition_tags(condition)]
         return head
 
     def prefix_tail(self) -> list[int]:
@@ -138,12 +210,38 @@ class _Base:
         return {"inst_begin": self.inst_begin_id, "inst_end": self.inst_end_id,
                 "eoa": self.eoa_id, "pad": self.pad_id}
 
-    def info(self) -> dict:
-        """What metadata.json stores under `tokenizer_info` (enough to rebuild this tokenizer)."""
-        return {"kind": self.kind, "vocab_size": int(self.vocab_size),
-                "special_tokens": dict(self.special_tokens), "special_ids": self.special_ids(),
-                "conditions": dict(self.conditions),
-                "condition_ids": {k: int(v) for k, v in self.condition_ids.items()}}
+    def info(self, tokenizer_path: str | None = None) -> dict:
+        """What metadata.json stores under `tokenizer_info`: HRM-Text's keys (`tokenizer_path`, the
+        folder holding this tokenizer's tokenizer.json; `boq`, `eoq`, `eoa`, `condition_mapping`,
+        `vocab_size`), read by HRM-Text's trainer, inference engine and HF converter, then ours
+        (enough to rebuild this tokenizer exactly). A disabled marker is "" in HRM-Text's keys."""
+        specials = self.special_tokens
+        return {"tokenizer_path": tokenizer_path, "boq": specials["inst_begin"] or "",
+                "eoq": specials["inst_end"] or "", "eoa": specials["eoa"],
+                "condition_mapping": dict(self.conditions), "vocab_size": int(self.vocab_size),
+                "kind": self.kind, "special_tokens": dict(specials),
+                "special_ids": self.special_ids(), "conditions": dict(self.conditions),
+                "condition_ids": {k: int(v) for k, v in self.condition_ids.items()},
+                "default_condition": self.default_condition,
+                "special_text": "parsed" if self.parse_special else "plain"}
+
+    def save(self, directory: str | os.PathLike, tokenizer_path: str | None = None) -> None:
+        """tokenizer.json and tokenizer_info.json (`info`) into `directory`, so that
+        `load_tokenizer(directory)` rebuilds this tokenizer. tokenizer_path: what the info names as
+        the tokenizer's folder (default: `directory`, absolute)."""
+        directory = Path(directory)
+        self._save_file(directory / TOKENIZER_FILE)
+        path = tokenizer_path if tokenizer_path is not None else str(directory.resolve())
+        (directory / INFO_FILE).write_text(json.dumps(self.info(path), indent=1) + "\n")
+
+    def fingerprint(self) -> str:
+        """A hash of everything that decides this tokenizer's ids (file contents, markers,
+        conditions, rendering options), for cache keys."""
+        digest = hashlib.sha256(self._file_bytes())
+        info = self.info()
+        info.pop("tokenizer_path")
+        digest.update(json.dumps(info, sort_keys=True).encode())
+        return digest.hexdigest()
 
     def token_name(self, token_id: int) -> str:
         """Readable form of one id (special tokens by name), for `inspect`."""
@@ -155,7 +253,8 @@ class ByteTokenizer(_Base):
 
     kind = "byte"
 
-    def __init__(self, special_tokens: dict | None = None, conditions=None):
+    def __init__(self, special_tokens: dict | None = None, conditions=None, *,
+                 default_condition=AUTO, parse_special_tokens: bool = False):
         self.special_tokens = _resolve_specials(special_tokens)
         self.conditions = _resolve_conditions(conditions)
         next_id = 256
@@ -176,12 +275,34 @@ class ByteTokenizer(_Base):
         self._names = {i: tok for role, tok in self.special_tokens.items()
                        if (i := ids[role]) is not None}
         self._names.update({self.condition_ids[n]: t for n, t in self.conditions.items()})
+        self.pad_id = 0 if self.pad_id is None else self.pad_id
+        self._setup_rendering(default_condition, parse_special_tokens)
+        by_string = {tok: i for i, tok in self._names.items()}
+        self._parse_ids = by_string
+        self._parse_re = re.compile("|".join(re.escape(t) for t in sorted(by_string, key=len,
+                                                                           reverse=True)))
 
     def _encode_many(self, texts):
+        if self.parse_special:
+            return self._encode_parsed(texts)
         encoded = [t.encode("utf-8") for t in texts]
         lengths = np.fromiter((len(b) for b in encoded), np.int64, count=len(encoded))
         flat = np.frombuffer(b"".join(encoded), np.uint8).astype(np.int32)
         return flat, lengths
+
+    def _encode_parsed(self, texts):
+        """Bytes, with every special-token string replaced by its id."""
+        out, lengths = [], []
+        for text in texts:
+            ids, at = [], 0
+            for match in self._parse_re.finditer(text):
+                ids += text[at:match.start()].encode("utf-8")
+                ids.append(self._parse_ids[match.group()])
+                at = match.end()
+            ids += text[at:].encode("utf-8")
+            out += ids
+            lengths.append(len(ids))
+        return np.asarray(out, np.int32), np.asarray(lengths, np.int64)
 
     def decode(self, ids) -> str:
         out, buf = [], bytearray()
@@ -205,10 +326,13 @@ class ByteTokenizer(_Base):
             return f"<0x{token_id:02X}>"
         return self._names.get(token_id, f"<|unk:{token_id}|>")
 
-    def save(self, directory: str | os.PathLike) -> None:
+    def _file_bytes(self) -> bytes:
         payload = {"format": BYTE_FORMAT, "version": 1, "special_tokens": self.special_tokens,
                    "conditions": self.conditions}
-        Path(directory, TOKENIZER_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+        return (json.dumps(payload, indent=1) + "\n").encode()
+
+    def _save_file(self, path: Path) -> None:
+        path.write_bytes(self._file_bytes())
 
 
 def _import_tokenizers():
@@ -226,7 +350,7 @@ class HFTokenizer(_Base):
     kind = "hf"
 
     def __init__(self, path: str | os.PathLike, special_tokens: dict | None = None,
-                 conditions=None):
+                 conditions=None, *, default_condition=AUTO, parse_special_tokens: bool = False):
         tokenizers = _import_tokenizers()
         self.path = Path(path)
         try:
@@ -251,9 +375,16 @@ class HFTokenizer(_Base):
         self.inst_begin_id, self.inst_end_id = ids["inst_begin"], ids["inst_end"]
         self.condition_ids = {name: lookup(f"condition token for {name!r}", tok)
                               for name, tok in self.conditions.items()}
+        self.pad_id = 0 if self.pad_id is None else self.pad_id
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        self._setup_rendering(default_condition, parse_special_tokens)
+        # Plain text: added tokens flagged special are split like any text (data_io's setting).
+        self._tok.encode_special_tokens = not self.parse_special
         # encode_batch_fast (tokenizers >= 0.20) skips offsets, which we never use.
         self._batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+
+    def _special_strings(self) -> list[str]:
+        return [t.content for t in self._tok.get_added_tokens_decoder().values() if t.special]
 
     def _encode_many(self, texts):
         encodings = self._batch(list(texts), add_special_tokens=False)
@@ -269,57 +400,64 @@ class HFTokenizer(_Base):
         token = self._tok.id_to_token(int(token_id))
         return token if token is not None else f"<|unk:{token_id}|>"
 
-    def save(self, directory: str | os.PathLike) -> None:
-        shutil.copyfile(self.path, Path(directory, TOKENIZER_FILE))
+    def _file_bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+    def _save_file(self, path: Path) -> None:
+        if path.resolve() != self.path.resolve():
+            shutil.copyfile(self.path, path)
 
 
-def _from_dataset(directory: Path):
-    meta_path = directory / "metadata.json"
-    try:
-        info = json.loads(meta_path.read_text()).get("tokenizer_info", {})
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{meta_path}: cannot read the dataset metadata: {exc}") from exc
-    kind = info.get("kind")
-    if kind == "byte":
-        return ByteTokenizer(info.get("special_tokens"), info.get("conditions"))
-    tok_file = directory / TOKENIZER_FILE
-    if not tok_file.is_file():
-        raise FileNotFoundError(f"{directory}: the dataset has no {TOKENIZER_FILE}")
-    if kind == "hf":
-        return HFTokenizer(tok_file, info.get("special_tokens"), info.get("conditions"))
-    # A dataset from another writer (e.g. HRM-Text data_io): the tokenizer file decides.
-    return load_tokenizer(str(tok_file))
+def load_tokenizer(spec, special_tokens: dict | None = None, conditions=None, *,
+                   default_condition=AUTO, parse_special_tokens: bool | None = None):
+    """A tokenizer from `spec`:
 
+      "byte"             the built-in byte tokenizer;
+      FILE               a HuggingFace tokenizer.json (or the byte tokenizer's own file);
+      DIR                a prepared dataset (its metadata.json's tokenizer_info: ours, HRM-Text's
+                         SFT output or data_io's sampled output), or a folder with a
+                         tokenizer_info.json (what `save` writes; HRM-Text's and data_io's
+                         tokenizer_info.json), or a folder holding only tokenizer.json.
+    A folder's markers, conditions and rendering options come from its tokenizer_info (see
+    `tokenizer_info.py` for how the tokenizer file it names is found).
 
-def load_tokenizer(spec, special_tokens: dict | None = None, conditions=None):
-    """`"byte"`, a path to a `tokenizer.json`, or a prepared dataset directory.
-
-    special_tokens: role -> token string overrides (roles inst_begin, inst_end, eoa, pad; None
-      disables inst_begin / inst_end). conditions: names (default tokens `<|cond:NAME|>`) or a dict
-      name -> token. Both are ignored for a dataset directory, which records its own.
+    special_tokens: role -> token string (roles inst_begin, inst_end, eoa, pad; None disables
+      inst_begin / inst_end / pad). conditions: names (default tokens `<|cond:NAME|>`) or a dict
+      name -> token. default_condition: the condition of rows without one (AUTO: DEFAULT_CONDITION
+      when declared; None: none). parse_special_tokens: special-token strings in the text become
+      their ids (default: plain text). Each one given wins over what a folder records.
     """
     if isinstance(spec, _Base):
         return spec
+    options = {"special_tokens": special_tokens, "conditions": conditions,
+               "default_condition": default_condition,
+               "parse_special_tokens": parse_special_tokens}
     if spec == "byte":
-        return ByteTokenizer(special_tokens, conditions)
+        return ByteTokenizer(special_tokens, conditions, default_condition=default_condition,
+                             parse_special_tokens=bool(parse_special_tokens))
     path = Path(spec)
     if path.is_dir():
-        if (path / "metadata.json").is_file():
-            return _from_dataset(path)
-        if (path / TOKENIZER_FILE).is_file():
-            path = path / TOKENIZER_FILE
-        else:
-            raise FileNotFoundError(f"{path}: neither a prepared dataset nor a folder with "
-                                    f"{TOKENIZER_FILE}")
+        from .tokenizer_info import tokenizer_of_folder
+        return tokenizer_of_folder(path, **options)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {spec!r}: no such file; expected 'byte', a "
-                                f"tokenizer.json or a prepared dataset directory")
+        raise FileNotFoundError(f"tokenizer {str(spec)!r}: no such file or directory; expected "
+                                f"'byte', a tokenizer.json or a folder holding one (a prepared "
+                                f"dataset, a checkpoint's tokenizer/)")
+    return tokenizer_from_file(path, **options)
+
+
+def tokenizer_from_file(path: Path, special_tokens=None, conditions=None, default_condition=AUTO,
+                        parse_special_tokens=None):
+    """The tokenizer of one file: the byte tokenizer's own format (which records its markers and
+    conditions) or a HuggingFace tokenizer.json."""
     try:
         with open(path, "rb") as f:
             head = json.loads(f.read())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    rendering = {"default_condition": default_condition,
+                 "parse_special_tokens": bool(parse_special_tokens)}
     if isinstance(head, dict) and head.get("format") == BYTE_FORMAT:
         return ByteTokenizer(special_tokens if special_tokens else head.get("special_tokens"),
-                             conditions if conditions else head.get("conditions"))
-    return HFTokenizer(path, special_tokens, conditions)
+                             conditions if conditions else head.get("conditions"), **rendering)
+    return HFTokenizer(path, special_tokens, conditions, **rendering)

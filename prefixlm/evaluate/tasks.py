@@ -332,7 +332,7 @@ class Task:
     shots: str | None = None
     num_shots: int | None = None
     special_shots: dict | None = None
-    condition: str | None = "preset"   # "preset": the preset's; None or "none": no condition
+    condition: str | None = "preset"   # "preset": the preset's; "", None or "none": no condition
     prompt_template: str = "{prompt}"
     limit: int = 0
     generation: GenerationSettings | None = None
@@ -350,8 +350,8 @@ class Task:
             self.special_shots = dict(base.special_shots)
         if self.condition == "preset":
             self.condition = base.condition
-        if self.condition in ("none", ""):
-            self.condition = None
+        if self.condition in ("none", None):
+            self.condition = ""  # explicitly none (None would mean the tokenizer's default)
         if self.num_shots < 0 or self.limit < 0:
             raise ValueError(f"task {self.name}: num_shots and limit must be >= 0")
         if "{prompt}" not in self.prompt_template:

@@ -86,7 +86,8 @@ class PrefixLMEval(LM):
         self.tokenizer, self.checkpoint = tokenizer, ckpt
         if condition == "auto":
             condition = "direct" if "direct" in tokenizer.condition_ids else None
-        self.condition = None if condition in (None, "", "none") else str(condition)
+        # "" renders no condition at all (None would be the tokenizer's default condition).
+        self.condition = "" if condition in (None, "", "none") else str(condition)
         self.head = tokenizer.prefix_head(self.condition)  # checks the names
         self.tail = tokenizer.prefix_tail()
         self.max_length = int(max_length) if max_length is not None else int(cfg.context_size)

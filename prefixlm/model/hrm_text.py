@@ -12,8 +12,8 @@ is a legacy one whose `num_hidden_layers` is per stack. prefixlm also writes `bp
 warm-up survives a round trip. `token_type_ids == 1` marks the bidirectional prefix.
 
 tokenizer_info.json (next to the tokenizer files) names the prompt's markers with HRM-Text's keys:
-`boq` (prefix start), `eoq` (prefix end), `eoa` (end of answer), `condition_mapping`, plus `pad`
-and `kind` ("byte": prefixlm's byte tokenizer, rebuilt exactly).
+`boq` (prefix start), `eoq` (prefix end), `eoa` (end of answer), `condition_mapping`, then
+prefixlm's (`data.tokenizer.info`: kind, special tokens and ids, default condition), plus `pad`.
 """
 
 from __future__ import annotations
@@ -337,12 +337,9 @@ def load_model(directory, device="cpu", backend: str = "auto",
 
 # -- tokenizer -------------------------------------------------------------------------------------
 def tokenizer_info(tokenizer) -> dict:
-    """The tokenizer_info.json of a prefixlm tokenizer (HRM-Text's keys, plus pad and kind)."""
-    special = tokenizer.special_tokens
-    return {"tokenizer_path": ".", "boq": special["inst_begin"], "eoq": special["inst_end"],
-            "eoa": special["eoa"], "pad": special["pad"],
-            "condition_mapping": dict(tokenizer.conditions), "vocab_size": tokenizer.vocab_size,
-            "kind": tokenizer.kind}
+    """The tokenizer_info.json of a prefixlm tokenizer: `tokenizer.info` (HRM-Text's keys, then
+    prefixlm's, which rebuild it exactly) naming this folder as the tokenizer's, plus `pad`."""
+    return {**tokenizer.info("."), "pad": tokenizer.special_tokens["pad"]}
 
 
 def _token(value):
@@ -353,27 +350,17 @@ def _token(value):
 def read_tokenizer(directory):
     """The prefixlm tokenizer of a model directory, or None when it has no tokenizer.json.
 
-    The markers come from tokenizer_info.json; without one, from tokenizer_config.json (bos_token
-    starts the prefix and eos_token ends the answer, as HRM-Text's converter sets them) with a
-    warning, since nothing there says which token ends the prefix."""
-    from ..data.tokenizer import ByteTokenizer, HFTokenizer
+    The markers come from tokenizer_info.json (`data.tokenizer_info` reads it, in either tool's
+    keys); without one, from tokenizer_config.json (bos_token starts the prefix and eos_token ends
+    the answer, as HRM-Text's converter sets them) with a warning, since nothing there says which
+    token ends the prefix."""
+    from ..data.tokenizer import HFTokenizer
+    from ..data.tokenizer_info import tokenizer_of_folder
 
     directory = Path(directory)
     tok_file = directory / "tokenizer.json"
-    info_file = directory / TOKENIZER_INFO_FILE
-    if info_file.is_file():
-        try:
-            info = json.loads(info_file.read_text())
-            specials = {"inst_begin": info["boq"], "inst_end": info["eoq"], "eoa": info["eoa"],
-                        "pad": info.get("pad") or info["eoa"]}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FormatError(f"{info_file}: expected boq, eoq and eoa: {exc}") from None
-        conditions = info.get("condition_mapping") or {}
-        if info.get("kind") == "byte":
-            return ByteTokenizer(specials, conditions)
-        if not tok_file.is_file():
-            raise FormatError(f"{directory}: {TOKENIZER_INFO_FILE} without tokenizer.json")
-        return HFTokenizer(tok_file, specials, conditions)
+    if (directory / TOKENIZER_INFO_FILE).is_file():
+        return tokenizer_of_folder(directory)
     if not tok_file.is_file():
         return None
     config_file = directory / "tokenizer_config.json"

@@ -285,7 +285,7 @@ def checkpoint_tokenizer(ckpt: Path, cfg: TrainConfig):
     tok_dir = ckpt / "tokenizer"
     if (tok_dir / hrm_text.TOKENIZER_INFO_FILE).is_file():
         return hrm_text.read_tokenizer(tok_dir)
-    return load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.tokenizer)
+    return load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.tokenizer or "byte")
 
 
 def load_trained(path: str | Path, use_ema: bool | None = None, device="cpu",

@@ -31,14 +31,19 @@ class TrainConfig:
     # Which attention backend the layers call: a run-time choice, not saved with the weights
     # (`prefixlm.attention.backend_names()`; generate/eval/export pick their own).
     attention_backend: str = "auto"
-    # Data: "" trains on the built-in synthetic task; else a JSONL file or a prepared dataset dir.
+    # Data: "" trains on the built-in synthetic task; else a JSONL file or a prepared dataset dir
+    # (ours, HRM-Text's SFT output or data_io's sampled output).
     data: str = ""
     eval_data: str = ""          # JSONL or prepared dir; "" with synthetic data: its held-out split
-    tokenizer: str = "byte"      # with init_from, left at "byte": init_from's own tokenizer
+    # "": byte for JSONL data (with init_from: its tokenizer), the dataset's own for a prepared dir
+    # (as its tokenizer_info names it). Else "byte", a tokenizer.json or a tokenizer folder; for a
+    # prepared dir it replaces the tokenizer file only (markers and conditions are the dataset's).
+    tokenizer: str = ""
     # Start from these weights (an hrm_text directory or a prefixlm run/checkpoint): weights only,
     # a fresh optimizer; the configured model must have their shapes.
     init_from: str = ""
-    context_size: int = 256      # longest sample prepare_sft keeps
+    context_size: int = 256      # longest sample prepare_sft keeps (inst_len + resp_len)
+    min_causal: int = 1          # the loader skips samples with fewer causal tokens (and says so)
     synthetic_train: int = 20000
     synthetic_eval: int = 500
     capacity: int = 2048         # tokens per micro-batch per rank
@@ -133,11 +138,16 @@ class TrainConfig:
             raise ValueError(f"activation_checkpointing must be none, blocks or cycles, got "
                              f"{self.activation_checkpointing!r}")
         if self.activation_checkpointing == "cycles" and self.model.arch != "hrm":
-            raise ValueError("activation_checkpointing=cycles checkpoints HRM's cycles: it needs "
-                             "model.arch=hrm (use blocks)")
-        if self.context_size > self.capacity:
-            raise ValueError(f"context_size ({self.context_size}) must fit in capacity "
-                             f"({self.capacity})")
+            raise ValueError("activation_checkpointing=cycles checkpoints HRM's recurrence "
+                             "steps: it needs model.arch=hrm (use blocks)")
+        if self.min_causal < 0:
+            raise ValueError(f"min_causal must be >= 0, got {self.min_causal}")
+        # A sample of n tokens feeds n - 1 (the last is only predicted): context 4097 at
+        # capacity 4096 is HRM-Text's own setting. A prepared dataset brings its own lengths
+        # (the loader checks each sample against the capacity).
+        if self.context_size - 1 > self.capacity and not (self.data and Path(self.data).is_dir()):
+            raise ValueError(f"context_size - 1 ({self.context_size - 1}, the tokens a longest "
+                             f"sample feeds) must fit in capacity ({self.capacity})")
         return self
 
     def to_dict(self) -> dict:

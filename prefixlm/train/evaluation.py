@@ -31,7 +31,7 @@ def tasks_from_config(cfg) -> list:
         if cfg.eval_task_max_new_tokens:
             task.generation.cap_new_tokens(cfg.eval_task_max_new_tokens)
         if cfg.eval_task_condition != "preset":
-            task.condition = (None if cfg.eval_task_condition in ("", "none")
+            task.condition = ("" if cfg.eval_task_condition in ("", "none")
                               else cfg.eval_task_condition)
     names = [task.name for task in tasks]
     if len(set(names)) != len(names):

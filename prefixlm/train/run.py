@@ -3,6 +3,8 @@
 Data: the run's `data` setting -> JSONL -> prepare_sft -> V1Dataset -> PackedLoader. `data=""`
 writes the built-in synthetic task (train and held-out JSONL) into <run_dir>/data first.
 Preparation runs on rank 0 once per run directory (a resumed run reuses it), the others wait.
+A prepared directory (ours, HRM-Text's SFT output, data_io's sampled output) is read as it is, with
+the tokenizer, markers and conditions its tokenizer_info names (`tokenizer=` replaces the file).
 With `init_from`, the data is tokenized with the source's tokenizer (`train.init_from`).
 """
 
@@ -19,7 +21,8 @@ import torch
 from ..attention import SeqInfo
 from ..data.dataset import V1Dataset
 from ..data.loader import IGNORE_INDEX, PackedLoader
-from ..data.prepare import prepare_sft
+from ..data.prepare import FORMAT, prepare_sft
+from ..data.tokenizer import load_tokenizer
 from ..data.synthetic import make_split, write_jsonl
 from .checkpoint import complete_checkpoints
 from .config import TrainConfig
@@ -36,33 +39,42 @@ class RunError(ValueError):
 
 
 class RunData:
-    def __init__(self, train_loader, eval_dataset, tokenizer, train_path, eval_path):
+    def __init__(self, train_loader, eval_dataset, tokenizer, train_path, eval_path, notes=()):
         self.train_loader = train_loader
         self.eval_dataset = eval_dataset
         self.tokenizer = tokenizer
         self.train_path = train_path
         self.eval_path = eval_path
+        self.notes = list(notes)  # lines about the data for the run's log
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's contents."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Dist,
                      name: str, tokenizer=None) -> Path:
-    """A prepared dataset directory for `path` (JSONL file or already prepared directory),
-    tokenized with `tokenizer` (an object from `load_tokenizer`; None: `cfg.tokenizer`)."""
+    """A prepared dataset directory for `path` (JSONL file or already prepared directory); a
+    JSONL is tokenized with `tokenizer` (an object from `load_tokenizer`; None: `cfg.tokenizer`)."""
     path = Path(path)
     if path.is_dir():
         return path
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    # The prepared copy is named after everything it depends on, so editing the JSONL or changing
-    # the tokenizer / context size prepares afresh instead of reusing a stale copy.
-    stat = path.stat()
-    tok_key = (str(cfg.tokenizer) if tokenizer is None
-               else [tokenizer.info(), str(getattr(tokenizer, "path", ""))])
-    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, tok_key,
-                      cfg.context_size, cfg.seed], sort_keys=True)
-    target = out_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+    # The prepared copy is named after the contents of everything it depends on (the JSONL, the
+    # tokenizer's files and markers) and the settings, so editing the JSONL or replacing the
+    # tokenizer.json at the same path prepares afresh instead of reusing a stale copy.
+    tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or "byte")
+    key = json.dumps([file_digest(path), tokenizer.fingerprint(), cfg.context_size, cfg.seed,
+                      FORMAT])
+    target = out_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if dist.is_main and not (target / "metadata.json").exists():
-        prepare_sft([str(path)], str(target), tokenizer=tokenizer or cfg.tokenizer,
+        prepare_sft([str(path)], str(target), tokenizer=tokenizer,
                     context_size=cfg.context_size, seed=cfg.seed, progress=cfg.progress,
                     log=lambda message: None)
     barrier()
@@ -85,14 +97,30 @@ def build_data(cfg: TrainConfig, dist: Dist, tokenizer=None) -> RunData:
         eval_src = eval_src or default_eval
     train_dir = prepared_dataset(train_src, data_dir, cfg, dist, "train", tokenizer)
     dataset = V1Dataset(str(train_dir))
-    tokenizer = dataset.tokenizer()
+    given_dir = Path(train_src).is_dir()
+    tokenizer = dataset.tokenizer((cfg.tokenizer or None) if given_dir else None)
+    if dataset.vocab_size is None:  # the loader checks every batch's ids against it
+        dataset.vocab_size = tokenizer.vocab_size
     loader = PackedLoader(dataset, cfg.capacity, rank=dist.rank, world_size=dist.world_size,
-                          seed=cfg.seed, device=dist.device)
+                          seed=cfg.seed, device=dist.device, min_causal=cfg.min_causal)
     eval_dataset = None
     if eval_src:
+        # Held-out JSONL is tokenized as the training data was (a given dataset's markers too).
         eval_dataset = V1Dataset(str(prepared_dataset(eval_src, data_dir, cfg, dist, "heldout",
                                                       tokenizer)))
-    return RunData(loader, eval_dataset, tokenizer, train_dir, eval_src)
+    return RunData(loader, eval_dataset, tokenizer, train_dir, eval_src,
+                   data_notes(dataset, tokenizer, cfg.min_causal) if given_dir else [])
+
+
+def data_notes(dataset: V1Dataset, tokenizer, min_causal: int) -> list[str]:
+    """What the run's log says about a prepared dataset it was given."""
+    skipped = dataset.count_short(min_causal)
+    per_epoch = ", ".join(f"epoch {k}: {n}" for k, n in enumerate(skipped))
+    return [f"data: {dataset.num_epochs} epochs written by {dataset.origin}; tokenizer "
+            f"{getattr(tokenizer, 'path', tokenizer.kind)} ({tokenizer.vocab_size} tokens), "
+            f"conditions {', '.join(tokenizer.condition_ids) or 'none'}",
+            f"data: skipping samples with fewer than min_causal={min_causal} causal tokens: "
+            + (f"{sum(skipped)} ({per_epoch})" if any(skipped) else "none")]
 
 
 def eval_batches_from(dataset, cfg: TrainConfig, device, max_samples: int = 0):
@@ -100,7 +128,7 @@ def eval_batches_from(dataset, cfg: TrainConfig, device, max_samples: int = 0):
     forward passes everywhere, as FSDP2's collectives require); results are not summed."""
     def batches():
         loader = PackedLoader(dataset, cfg.capacity, rank=0, world_size=1, seed=cfg.seed,
-                              device=device, prefetch=0)
+                              device=device, prefetch=0, min_causal=cfg.min_causal)
         count = loader.batches_per_epoch
         out, seen = [], 0
         for batch in loader:
@@ -164,7 +192,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
         tokenizer, source = None, None
         if cfg.init_from:
             source = init_source(cfg.init_from)
-            if cfg.tokenizer == "byte" and source.tokenizer is not None:
+            if not cfg.tokenizer and source.tokenizer is not None:
                 tokenizer = source.tokenizer
             if cfg.model.vocab_size == 0:
                 cfg.model.vocab_size = source.model.vocab_size
@@ -189,6 +217,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
             f"data {data.train_path}; logs {Path(cfg.run_dir) / 'metrics.jsonl'}", flush=True)
         if source is not None and not resuming:
             say(f"initialized from {source.path} (weights only)", flush=True)
+        for line in data.notes:
+            say(line, flush=True)
         if resume or resume_from:
             if resuming:
                 path = trainer.resume(resume_from)

@@ -166,3 +166,38 @@ def test_a_run_trained_with_triton_generates_on_the_cpu(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(run), "--prompt", "x",
                  "--attention-backend", "triton"]) == 2
     assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+FOREIGN = ["steps=2", "capacity=4096", "model.hidden=32", "model.heads=2", "model.layers=1",
+           "model.ffn_hidden=64", "progress=false", "tensorboard=false", "ckpt_every=0",
+           "attention_backend=sdpa"]
+
+
+@pytest.mark.parametrize("which", ["sampled", "sft"])
+def test_train_on_foreign_folders_as_they_are(hrm_fixtures, tmp_path, capsys, which):
+    """Guards `prefixlm train data=DIR` on HRM-Text's and data_io's output: it stopped with
+    `special token inst_begin '<|inst|>' is not in the tokenizer's vocabulary` (and data_io's was
+    refused for its total_length). It must train with the dataset's tokenizer, markers and
+    conditions, say how many samples the loader skips per epoch, and leave a checkpoint that
+    generates with HRM-Text's default condition. Held-out JSONL must be tokenized with the
+    dataset's tokenizer and markers, not the byte tokenizer."""
+    run = tmp_path / "run"
+    held_out = f"eval_data={hrm_fixtures['sft_input']}"  # JSONL: tokenized as the dataset was
+    assert main(["train", f"data={hrm_fixtures[which]}", f"run_dir={run}", held_out,
+                 *FOREIGN]) == 0
+    out = capsys.readouterr().out
+    assert "held-out exact match" in out and "of 3 samples" in out
+    from prefixlm.data import V1Dataset
+    (held_out_dir,) = (run / "data").glob("heldout-*")
+    assert V1Dataset(held_out_dir).tokenizer().eoa_id == V1Dataset(hrm_fixtures[which]) \
+        .tokenizer().eoa_id
+    skipped = "2 (epoch 0: 1, epoch 1: 1)" if which == "sampled" else "none"
+    assert f"fewer than min_causal=1 causal tokens: {skipped}" in out
+    assert "conditions direct, cot, noisy, synth" in out
+    ckpt = run / "checkpoints" / "step_00000002"
+    from prefixlm.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(str(ckpt / "tokenizer"))
+    assert tok.vocab_size == 400 and tok.default_condition == "direct"
+    assert tok.encode_prefix("hi")[:2] == [tok.inst_begin_id, tok.condition_ids["direct"]]
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "What is two plus two?",
+                 "--max-new-tokens", "2"]) == 0

@@ -145,3 +145,88 @@ def test_a_state_of_another_planner_is_refused(tmp_path):
     with pytest.raises(ValueError, match="planner = 1"):
         PackedLoader(ds, 160).load_state_dict(state)
     PackedLoader(ds, 160).load_state_dict(loader.state_dict())
+
+
+def _epoch_samples(loader, epoch):
+    """{dataset sample index: count} of everything the loader feeds in `epoch`, all ranks."""
+    fed = {}
+    for step in range(loader.steps_in_epoch(epoch)):
+        for i in loader.batch_ids(epoch, step).tolist():
+            fed[i] = fed.get(i, 0) + 1
+    return fed
+
+
+def test_zero_causal_samples_of_a_foreign_dataset_are_skipped_and_counted(hrm_fixtures):
+    """Guards the seed's bug on data_io's default path: its `truncate` mode writes a sample with
+    resp_len 1 (a 4096-token instruction at context 4097, causal_len 0), which the loader fed
+    silently. With min_causal=1 it is never fed and counted per epoch; min_causal=0 feeds it."""
+    ds = V1Dataset(hrm_fixtures["sampled"])
+    loader = PackedLoader(ds, 4096, prefetch=0)
+    for epoch in range(2):
+        index = ds.epoch(epoch)
+        short = set((index.causal_lens < 1).nonzero()[0].tolist())
+        fed = _epoch_samples(loader, epoch)
+        assert len(short) == 1 and loader.skipped(epoch) == 1
+        assert not short & set(fed) and set(fed) == set(range(len(index))) - short
+        assert set(fed.values()) == {1}
+    for batch in _take(loader, loader.steps_in_epoch(0)):
+        assert int(batch.info.causal_lens[:batch.info.num_samples].min()) >= 1
+    everything = PackedLoader(ds, 4096, prefetch=0, min_causal=0)
+    assert everything.skipped(0) == 0 and len(_epoch_samples(everything, 0)) == len(ds.epoch(0))
+    with pytest.raises(ValueError, match="min_causal"):
+        PackedLoader(ds, 4096, min_causal=-1)
+
+
+def test_epochs_holding_different_subsets_train_epoch_by_epoch(hrm_fixtures):
+    """Guards reading a data_io dataset as one sample set: loader epoch e must feed exactly the
+    samples stored in epoch_{e % epochs} (data_io draws a different subset per epoch)."""
+    ds = V1Dataset(hrm_fixtures["sampled"])
+    loader = PackedLoader(ds, 4096, prefetch=0, min_causal=0)
+    stored = [sorted(ds.epoch(k).inst_start.tolist()) for k in range(2)]
+    assert stored[0] != stored[1]
+    for epoch in range(3):
+        index = ds.epoch(epoch % 2)
+        fed = _epoch_samples(loader, epoch)
+        assert sorted(int(index.inst_start[i]) for i in fed) == stored[epoch % 2]
+
+
+def test_capacity_counts_the_fed_tokens(hrm_fixtures):
+    """Guards the capacity rule: a sample of n tokens feeds n - 1, so data_io's 4097-token
+    sample (context 4097) packs into capacity 4096, and the config accepts capacity 4096 at
+    context_size 4097 (HRM-Text's own SFT setting) but not 4095."""
+    from prefixlm.train.config import load_config
+
+    ds = V1Dataset(hrm_fixtures["sampled"])
+    assert int((ds.epoch(0).inst_len + ds.epoch(0).resp_len).max()) == 4097
+    loader = PackedLoader(ds, 4096, prefetch=0, min_causal=0)
+    assert max(int(b.info.total) for b in _take(loader, loader.steps_in_epoch(0))) == 4096
+    assert load_config(None, ["capacity=4096", "context_size=4097"]).capacity == 4096
+    with pytest.raises(ValueError, match="must fit in capacity"):
+        load_config(None, ["capacity=4095", "context_size=4097"])
+
+
+@pytest.mark.parametrize("which", ["sampled", "sft"])
+def test_batches_equal_hrm_text_readers_samples(hrm_fixtures, which):
+    """Guards a difference from HRM-Text's reader on its own layouts: every sample of every batch
+    (inputs, labels, positions, prefix and causal lengths) equals what HRM-Text's V1Dataset builds
+    for the same stored sample."""
+    from hrmformats import hrm_text_read
+
+    ds = V1Dataset(hrm_fixtures[which])
+    theirs = hrm_text_read(hrm_fixtures[which], ds.num_epochs)
+    assert theirs["vocab_size"] == 512 and theirs["max_seq_len"] == ds.max_seq_len - 1
+    loader = PackedLoader(ds, 4096, prefetch=0, min_causal=0)
+    for epoch in range(ds.num_epochs):
+        for step, batch in enumerate(_take(loader, loader.steps_in_epoch(epoch))):
+            at = 0
+            info = batch.info
+            ids = loader.batch_ids(epoch, step).tolist()
+            for k, i in enumerate(ids):
+                ref = theirs["epochs"][epoch][i]
+                n = len(ref["inputs"])
+                assert int(info.prefix_lens[k]) == ref["prefix_len"]
+                assert int(info.causal_lens[k]) == ref["causal_len"]
+                assert batch.inputs[at:at + n].tolist() == ref["inputs"].tolist()
+                assert batch.labels[at:at + n].tolist() == ref["labels"].tolist()
+                assert batch.position_ids[at:at + n].tolist() == ref["positions"].tolist()
+                at += n

@@ -34,12 +34,16 @@ def test_comma_separated_conditions_are_one_token_each():
     tok = ByteTokenizer(conditions=["synth", "cot", "direct"])
     ids = tok.condition_ids
     assert tok.prefix_head("synth,cot") == [tok.inst_begin_id, ids["synth"], ids["cot"]]
-    assert tok.prefix_head("cot, synth") == [tok.inst_begin_id, ids["cot"], ids["synth"]]
-    assert tok.prefix_head("") == tok.prefix_head(None) == [tok.inst_begin_id]
-    with pytest.raises(ValueError, match="unknown condition 'noisy'"):
+    assert tok.prefix_head("cot,synth") == [tok.inst_begin_id, ids["cot"], ids["synth"]]
+    # None is the default condition (HRM-Text's `direct`, declared here); "" is none at all.
+    assert tok.prefix_head(None) == [tok.inst_begin_id, ids["direct"]]
+    assert tok.prefix_head("") == [tok.inst_begin_id]
+    with pytest.raises(ValueError, match="unknown tag 'noisy'"):
         tok.prefix_head("synth,noisy")
-    with pytest.raises(ValueError, match="unknown condition ''"):
+    with pytest.raises(ValueError, match="an empty tag"):
         tok.prefix_head("synth,,cot")
+    with pytest.raises(ValueError, match="unknown tag ' synth'"):
+        tok.prefix_head("cot, synth")  # no trimming, as data_io splits
 
 
 def test_markers_can_be_disabled_but_eoa_cannot():

@@ -93,7 +93,7 @@ def test_a_condition_the_tokenizer_lacks_says_what_to_do():
     """Guards a bare KeyError when a preset's condition (HRM-Text's "synth,cot") is not among the
     checkpoint's conditions: the error names the task and suggests --condition."""
     tok = ByteTokenizer()
-    with pytest.raises(ValueError, match=r"task gsm8k: unknown condition 'synth'.*--condition"):
+    with pytest.raises(ValueError, match=r"task gsm8k: condition 'synth,cot' has the unknown tag 'synth'.*--condition"):
         run_tasks(Answering(tok, "1", tok.inst_end_id), tok,
                   [Task("gsm8k", "gsm8k", str(FIXTURES / "gsm8k_tiny.jsonl"))])
     with pytest.raises(ValueError, match="given twice"):

@@ -134,7 +134,7 @@ def test_specs_templates_limit_and_yaml(tmp_path):
         'preset: exact\ndata: rows.jsonl\nprompt_template: "Q: {prompt}\\n"\nlimit: 1\n'
         'condition: null\ngeneration: {max_new_tokens: 8, stop: ["\\n"]}\n')
     task = load_task_yaml(tmp_path / "t.yaml")
-    assert (task.name, task.data, task.condition) == ("t", rows, None)
+    assert (task.name, task.data, task.condition) == ("t", rows, "")  # "": no condition
     assert task.generation.stop == ("\n",) and task.generation.max_new_tokens == 8
     assert [d["prompt_text"] for d in task.load()] == ["Q:  p1"]
     (tmp_path / "u.yaml").write_text("preset: exact\ndata: rows.jsonl\nshotz: 3\n")
