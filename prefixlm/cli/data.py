@@ -48,6 +48,7 @@ def _prepare_sft(args) -> int:
                          min_prefix_tokens=args.min_prefix_tokens,
                          skip_invalid=args.skip_invalid, progress=not args.quiet,
                          overwrite=args.overwrite, log=(lambda m: None) if args.quiet else print,
+                         chat_template=args.chat_template, turns=args.turns,
                          **_marker_options(args))
     return 0 if report["samples"] else 1
 
@@ -100,6 +101,16 @@ def _inspect(args) -> int:
     return 0
 
 
+def _chat_arguments(p, template_default, turns_default) -> None:
+    p.add_argument("--chat-template", choices=("plain", "tokenizer"), default=template_default,
+                   help="chat rows: 'plain' renders 'role: content' turns (the default), "
+                        "'tokenizer' the tokenizer folder's own chat template (needs "
+                        "transformers; no markers or conditions around it)")
+    p.add_argument("--turns", choices=("last", "all"), default=turns_default,
+                   help="chat rows: one sample for the last assistant turn (the default) or one "
+                        "per assistant turn, its prefix everything before it")
+
+
 def _marker_arguments(p) -> None:
     p.add_argument("--special-token", action="append", metavar="ROLE=TOKEN",
                    help="override a special token (roles inst_begin, inst_end, eoa, pad; "
@@ -144,6 +155,7 @@ def register(subparsers) -> None:
     p.add_argument("--min-prefix-tokens", type=int, default=1, metavar="K",
                    help="truncate-prefix keeps at least K instruction tokens, else drops the row")
     p.add_argument("--skip-invalid", action="store_true", help="count and skip bad rows")
+    _chat_arguments(p, "plain", "last")
     _marker_arguments(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset prefixlm wrote (nothing else is replaced)")
@@ -176,12 +188,7 @@ def register(subparsers) -> None:
     m.add_argument("--cache-dir", metavar="DIR",
                    help="tokenized-source cache (default: the file's cache_dir, else "
                         ".prefixlm-cache beside it)")
-    m.add_argument("--chat-template", choices=("plain", "tokenizer"),
-                   help="chat rows: 'plain' renders 'role: content' turns (default), 'tokenizer' "
-                        "the tokenizer folder's own chat template (needs transformers)")
-    m.add_argument("--turns", choices=("last", "all"),
-                   help="chat rows: one sample for the last assistant turn (default) or one per "
-                        "assistant turn, its prefix everything before it")
+    _chat_arguments(m, None, None)
     m.add_argument("--skip-invalid", action="store_true", help="count and skip bad rows")
     _marker_arguments(m)
     m.add_argument("--overwrite", action="store_true",

@@ -42,11 +42,14 @@ SPECIAL_TEXT, DEFAULT_CONDITION = 1, 2
 _TMP = re.compile(r"\.tmp-(\d+)@(.+)-[0-9a-f]{8}")
 
 
-def file_sha256(path: Path, block: int = 8 << 20) -> str:
+def file_sha256(path: Path, block: int = 8 << 20, progress=None) -> str:
+    """The file's sha256; `progress(bytes)` after every block read."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
             digest.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return digest.hexdigest()
 
 

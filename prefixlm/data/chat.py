@@ -35,11 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from ..extras import require
+from .tokenizer import AUTO, load_tokenizer
 from .render import EncodedRows
 from .rows import FIELDS, RowError, assistant_turns, kind_of
 
 __all__ = ["CHAT_TEMPLATES", "ChatTemplate", "parse_chat_record", "chat_template_folder",
-           "encoded_from_ids", "special_text"]
+           "encoded_from_ids", "special_text", "load_chat_tokenizer", "copy_template"]
 
 CHAT_TEMPLATES = ("plain", "tokenizer")  # rows.render_chat, or the tokenizer's own template
 TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -211,3 +212,37 @@ def encoded_from_ids(samples: list[tuple[list[int], list[int]]], special: list[b
 def special_text(tok, messages) -> bool:
     """Whether any text of the conversation holds a special-token string."""
     return any(tok.holds_special_text(text) for text in _texts(messages))
+
+
+def load_chat_tokenizer(spec, special_tokens=None, conditions=None, default_condition=AUTO,
+                        parse_special_tokens=None, template_kwargs=None):
+    """(tokenizer, ChatTemplate) of a tokenizer folder for --chat-template tokenizer.
+
+    Without markers of its own (no --special-token / --hrm-text-tokens, and no tokenizer_info.json
+    in the folder) a sample has none around the prefix, and the end of answer is the template
+    tokenizer's eos (the token inference stops on), its pad the template's pad."""
+    chat = ChatTemplate(chat_template_folder(spec), bool(parse_special_tokens), template_kwargs)
+    folder = chat.folder
+    records = any((folder / f).is_file() for f in ("tokenizer_info.json", "metadata.json"))
+    if special_tokens is None and not records:
+        if not chat.eos_token:
+            raise ValueError(f"{folder}: the chat tokenizer names no eos_token to end answers "
+                             f"with; give --special-token eoa=TOKEN")
+        special_tokens = {"inst_begin": None, "inst_end": None, "eoa": chat.eos_token,
+                          "pad": chat.pad_token}
+    tok = load_tokenizer(str(spec), special_tokens, conditions,
+                         default_condition=default_condition,
+                         parse_special_tokens=parse_special_tokens)
+    if len(chat.tokenizer) != tok.vocab_size:
+        raise ValueError(f"{folder}: its chat tokenizer has {len(chat.tokenizer)} tokens but the "
+                         f"tokenizer {spec} has {tok.vocab_size}: give one folder holding both")
+    return tok, chat
+
+
+def copy_template(chat: ChatTemplate, directory: Path) -> None:
+    """The template's files into a dataset folder, so that it loads with its template."""
+    import shutil
+
+    for name in TEMPLATE_FILES:
+        if (chat.folder / name).is_file():
+            shutil.copyfile(chat.folder / name, Path(directory) / name)

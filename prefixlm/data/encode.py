@@ -211,16 +211,16 @@ def encode_sources(jobs, tok, chat, cache: SourceCache, workers: int, chunk_mb: 
         return done
     chunk_bytes = max(1, int(chunk_mb * (1 << 20)))
     total = sum(s.path.stat().st_size for s, _, _ in todo)
+    if log:
+        log(f"  tokenizing {len(todo)} source(s), {total / 1e6:.1f} MB, with {workers} "
+            f"worker(s); {len(done)} cached")
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    pool = _pool(workers, tok, chat)  # before tqdm starts its monitor thread: fork copies none
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
                    mininterval=0.5)
-    if log:
-        log(f"  tokenizing {len(todo)} source(s), {total / 1e6:.1f} MB, with {workers} "
-            f"worker(s); {len(done)} cached")
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    pool = _pool(workers, tok, chat)
     in_flight: collections.deque = collections.deque()
     states: list[_Pending] = []
 

@@ -27,7 +27,6 @@ prefixlm wrote).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 
 from ..fsutil import write_bytes
 from .cache import SourceCache, cache_key, file_sha256
-from .chat import TEMPLATE_FILES, ChatTemplate, chat_template_folder
+from .chat import copy_template, load_chat_tokenizer
 from .coverage import format_coverage, source_outcomes
 from .dataset import INDEX_FIELDS, MIXTURE_WRITER
 from .encode import InputError, ReadOptions, encode_sources
@@ -101,33 +100,19 @@ class _Rows:
 
 def _tokenizer(spec, mixture, sources, options, chat_needed: bool):
     """The mixture's tokenizer: --tokenizer, the file's `tokenizer:`, the first data_io folder's,
-    else the byte tokenizer. A chat template mixture without markers of its own gets none around
-    the prefix and the template tokenizer's eos as end of answer."""
+    else the byte tokenizer (with a chat template: `chat.load_chat_tokenizer`)."""
     spec = spec or mixture.settings.get("tokenizer")
     if not spec:
         roots = [s.data_io_root for s in sources if s.kind == "data_io"]
         spec = str(roots[0]) if roots else "byte"
-    chat = None
     if chat_needed:
-        chat = ChatTemplate(chat_template_folder(spec), bool(options.get("parse_special_tokens")),
-                            mixture.settings.get("chat_template_kwargs"))
-        folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
-        records = any((folder / f).is_file() for f in ("tokenizer_info.json", "metadata.json"))
-        if options.get("special_tokens") is None and not records:
-            options = {**options, "special_tokens": {"inst_begin": None, "inst_end": None,
-                                                     "eoa": chat.eos_token,
-                                                     "pad": chat.pad_token}}
-            if not chat.eos_token:
-                raise ValueError(f"{folder}: the chat tokenizer names no eos_token to end "
-                                 f"answers with; give --special-token eoa=TOKEN")
+        tok, chat = load_chat_tokenizer(spec, template_kwargs=mixture.settings.get(
+            "chat_template_kwargs"), **options)
+        return tok, chat, spec
     tok = load_tokenizer(spec, options.get("special_tokens"), options.get("conditions"),
                          default_condition=options.get("default_condition", AUTO),
                          parse_special_tokens=options.get("parse_special_tokens"))
-    if chat is not None and len(chat.tokenizer) != tok.vocab_size:
-        raise ValueError(f"{chat.folder}: its chat tokenizer has {len(chat.tokenizer)} tokens but "
-                         f"the mixture's tokenizer {spec} has {tok.vocab_size}: give a tokenizer "
-                         f"folder holding both")
-    return tok, chat, spec
+    return tok, None, spec
 
 
 def _check_data_io(source, tok) -> list[str]:
@@ -248,17 +233,24 @@ def prepare_mixture(mixture, output, epochs: int | None = None, tokenizer=None, 
                         mix.path.resolve().parent / ".prefixlm-cache")
     fingerprint = tok.fingerprint()
     jobs = []
-    for source in sources:
-        if source.kind == "data_io":
-            continue
+    files = [src for src in sources if src.kind != "data_io"]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(src.path.stat().st_size for src in files), unit="B",
+                   unit_scale=True, desc="hashing", file=sys.stderr, mininterval=0.5,
+                   disable=None)
+    for source in files:
         read = source.options["read"]
-        digest = file_sha256(source.path)
+        digest = file_sha256(source.path, progress=bar.update if bar is not None else None)
         settings = {"tokenizer": fingerprint, "read": read.settings(), "kind": source.kind,
                     "chat": chat.fingerprint() if read.chat_template == "tokenizer" else None}
         key = cache_key(digest, settings)
         source.options.update(sha256=digest, cache_key=key)
         jobs.append((source, key, {"version": 1, "source": str(source.path), "sha256": digest,
                                    "settings": settings}))
+    if bar is not None:
+        bar.close()
     cached_before = {src.name for src, key, _ in jobs if cache.get(key) is not None}
     entries = encode_sources(jobs, tok, chat, cache, workers, chunk_mb, progress, log)
 
@@ -361,9 +353,7 @@ def _write(output, overwrite, per_source, tok, chat, decide, epochs, seed, N, mi
             epoch_tokens.append(int(index["inst_len"].sum() + index["resp_len"].sum()))
         tok.save(writer.path, tokenizer_path=str(writer.final))
         if chat is not None:
-            for name in TEMPLATE_FILES:
-                if (chat.folder / name).is_file():
-                    shutil.copyfile(chat.folder / name, writer.path / name)
+            copy_template(chat, writer.path)
         report = {
             "output": str(writer.final), "mixture": str(mix.path), "epochs": epochs,
             "seed": seed, "context_size": N, "min_response_tokens": decide.K,

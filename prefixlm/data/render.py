@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["OUTCOMES", "TRUNCATION_POLICIES", "Truncation", "EncodedRows", "encode_rows",
-           "gather_ranges", "gather_samples", "truncate", "RenderedRows", "render_rows"]
+           "gather_ranges", "gather_samples", "truncate", "RenderedRows", "render_rows",
+           "render_encoded"]
 
 TRUNCATION_POLICIES = ("drop", "truncate-prefix", "truncate-response")
 OUTCOMES = ("kept", "truncated_prefix", "truncated_response", "dropped_empty", "dropped_too_long",
@@ -192,8 +193,12 @@ class RenderedRows:
 def render_rows(tok, rows, truncation: Truncation) -> RenderedRows:
     """Render and tokenize `rows`, a list of (instruction, response, condition or None), and apply
     `truncation`."""
-    n = len(rows)
-    encoded = encode_rows(tok, rows)
+    return render_encoded(encode_rows(tok, rows), truncation)
+
+
+def render_encoded(encoded: EncodedRows, truncation: Truncation) -> RenderedRows:
+    """`truncation` applied to whole samples: the kept samples' tokens and every row's outcome."""
+    n = len(encoded.inst_len)
     outcome, cut_left, resp_keep = truncate(encoded, truncation)
     kept = np.flatnonzero(outcome <= TRUNCATED_RESPONSE)
     inst_start = encoded.starts
@@ -205,7 +210,8 @@ def render_rows(tok, rows, truncation: Truncation) -> RenderedRows:
     inst_after[kept] = inst_len
     resp_after[kept] = resp_len
     return RenderedRows(tokens=tokens, kept=kept, inst_len=inst_len, resp_len=resp_len,
-                        outcome=outcome, inst_before=encoded.inst_len,
-                        resp_before=encoded.resp_len, inst_after=inst_after,
-                        resp_after=resp_after, special_text=encoded.special_text,
+                        outcome=outcome, inst_before=np.asarray(encoded.inst_len, np.int64),
+                        resp_before=np.asarray(encoded.resp_len, np.int64),
+                        inst_after=inst_after, resp_after=resp_after,
+                        special_text=encoded.special_text,
                         default_condition=encoded.default_condition)
