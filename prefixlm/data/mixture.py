@@ -40,7 +40,7 @@ from .coverage import format_coverage, source_outcomes
 from .dataset import INDEX_FIELDS, MIXTURE_WRITER
 from .encode import InputError, ReadOptions, encode_sources
 from .mixture_config import read_mixture, resolve_sampling
-from .render import Truncation, gather_samples, truncate
+from .render import TRUNCATED_RESPONSE, Truncation, gather_samples, truncate
 from .sources import data_io_info, expand_entry, read_data_io_source
 from .tokenizer import AUTO, load_tokenizer
 from .tokenizer_info import resolve_tokenizer_file
@@ -149,6 +149,72 @@ def _check_data_io(source, tok) -> list[str]:
     return notes
 
 
+def _sources(mix, default_policy: str, defaults: ReadOptions) -> list:
+    """The mixture's sources with their settings (entry, then rules, then `defaults`)."""
+    sources, seen = [], {}
+    for entry in mix.entries:
+        read = ReadOptions(names=tuple(sorted(entry.get("columns", {}).items())),
+                           **{k: entry.get(k, getattr(defaults, k))
+                              for k in ("turns", "chat_template", "skip_invalid")})
+        for source in expand_entry(entry["path"], mix.path.resolve().parent, entry["where"],
+                                   entry.get("name"), entry.get("format")):
+            if source.name in seen:
+                raise ValueError(f"{source.where}: source name {source.name!r} is taken by "
+                                 f"{seen[source.name]}; give the entries distinct name: keys")
+            seen[source.name] = source.path
+            source.options = {"sampling": resolve_sampling(source.name, entry["sampling"],
+                                                           mix.rules, default_policy),
+                              "read": read}
+            if source.kind == "data_io" and \
+                    source.options["sampling"].long_context == "truncate-prefix":
+                raise ValueError(f"{source.where}: long_context truncate-prefix cuts instruction "
+                                 f"text, but the data_io folder {source.path} holds tokens only; "
+                                 f"use drop or truncate for it")
+            if source.kind == "data_io" and read.chat_template == "tokenizer":
+                raise ValueError(f"{source.where}: a data_io folder is already tokenized; "
+                                 f"chat_template: tokenizer applies to JSONL and Parquet sources")
+            sources.append(source)
+    return sources
+
+
+def _cache_jobs(sources, tok, chat, progress: bool) -> list:
+    """(source, cache key, entry metadata) of every JSONL and Parquet source; hashes the files."""
+    fingerprint = tok.fingerprint()
+    files = [src for src in sources if src.kind != "data_io"]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(src.path.stat().st_size for src in files), unit="B",
+                   unit_scale=True, desc="hashing", file=sys.stderr, mininterval=0.5,
+                   disable=None)
+    jobs = []
+    for source in files:
+        read = source.options["read"]
+        digest = file_sha256(source.path, progress=bar.update if bar is not None else None)
+        settings = {"tokenizer": fingerprint, "read": read.settings(), "kind": source.kind,
+                    "chat": chat.fingerprint() if read.chat_template == "tokenizer" else None}
+        key = cache_key(digest, settings)
+        source.options.update(sha256=digest, cache_key=key)
+        jobs.append((source, key, {"version": 1, "source": str(source.path), "sha256": digest,
+                                   "settings": settings}))
+    if bar is not None:
+        bar.close()
+    return jobs
+
+
+def _truncated(source, entries: dict, policy: Truncation) -> tuple:
+    """(source, rows, counts, malformed examples, outcome, cut_left, resp_keep): its samples
+    under its long_context policy."""
+    if source.kind == "data_io":
+        rows = _Rows.data_io(read_data_io_source(source.path))
+        counts, malformed = {"rows": len(rows.inst_len)}, []
+    else:
+        entry = entries[source.name]
+        rows = _Rows.cached(entry)
+        counts, malformed = dict(entry.meta["counts"]), entry.meta.get("malformed_examples", [])
+    return (source, rows, counts, malformed, *truncate(rows, policy))
+
+
 def prepare_mixture(mixture, output, epochs: int | None = None, tokenizer=None, *,
                     context_size: int | None = None, seed: int | None = None,
                     workers: int | None = None, chunk_mb: float = 8.0, cache_dir=None,
@@ -182,37 +248,11 @@ def prepare_mixture(mixture, output, epochs: int | None = None, tokenizer=None, 
     if chunk_mb <= 0:
         raise ValueError(f"chunk_mb must be > 0, got {chunk_mb!r}")
 
-    sources = []
-    for entry in mix.entries:
-        found = expand_entry(entry["path"], mix.path.resolve().parent, entry["where"],
-                             entry.get("name"), entry.get("format"))
-        for source in found:
-            source.options = {
-                "sampling": resolve_sampling(source.name, entry["sampling"], mix.rules,
-                                             default_policy),
-                "read": ReadOptions(
-                    names=tuple(sorted(entry.get("columns", {}).items())),
-                    turns=entry.get("turns", turns or s.get("turns", "last")),
-                    chat_template=entry.get("chat_template",
-                                            chat_template or s.get("chat_template", "plain")),
-                    skip_invalid=entry.get("skip_invalid", skip_invalid if skip_invalid is not
-                                           None else s.get("skip_invalid", False)))}
-            sources.append(source)
-    seen = {}
-    for source in sources:
-        if source.name in seen:
-            raise ValueError(f"{source.where}: source name {source.name!r} is taken by "
-                             f"{seen[source.name]}; give the entries distinct name: keys")
-        seen[source.name] = source.path
-        sampling = source.options["sampling"]
-        if source.kind == "data_io" and sampling.long_context == "truncate-prefix":
-            raise ValueError(f"{source.where}: long_context truncate-prefix cuts instruction "
-                             f"text, but the data_io folder {source.path} holds tokens only; "
-                             f"use drop or truncate for it")
-        if source.kind == "data_io" and source.options["read"].chat_template == "tokenizer":
-            raise ValueError(f"{source.where}: a data_io folder is already tokenized; "
-                             f"chat_template: tokenizer applies to JSONL and Parquet sources")
-    check_output(output, [s_.path for s_ in sources], overwrite)
+    sources = _sources(mix, default_policy, ReadOptions(
+        turns=turns or s.get("turns", "last"),
+        chat_template=chat_template or s.get("chat_template", "plain"),
+        skip_invalid=skip_invalid if skip_invalid is not None else s.get("skip_invalid", False)))
+    check_output(output, [src.path for src in sources], overwrite)
 
     chat_needed = any(src.options["read"].chat_template == "tokenizer" for src in sources)
     tok, chat, tok_spec = _tokenizer(tokenizer, mix, sources, {
@@ -231,45 +271,13 @@ def prepare_mixture(mixture, output, epochs: int | None = None, tokenizer=None, 
 
     cache = SourceCache(cache_dir or s.get("cache_dir") or
                         mix.path.resolve().parent / ".prefixlm-cache")
-    fingerprint = tok.fingerprint()
-    jobs = []
-    files = [src for src in sources if src.kind != "data_io"]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=sum(src.path.stat().st_size for src in files), unit="B",
-                   unit_scale=True, desc="hashing", file=sys.stderr, mininterval=0.5,
-                   disable=None)
-    for source in files:
-        read = source.options["read"]
-        digest = file_sha256(source.path, progress=bar.update if bar is not None else None)
-        settings = {"tokenizer": fingerprint, "read": read.settings(), "kind": source.kind,
-                    "chat": chat.fingerprint() if read.chat_template == "tokenizer" else None}
-        key = cache_key(digest, settings)
-        source.options.update(sha256=digest, cache_key=key)
-        jobs.append((source, key, {"version": 1, "source": str(source.path), "sha256": digest,
-                                   "settings": settings}))
-    if bar is not None:
-        bar.close()
+    jobs = _cache_jobs(sources, tok, chat, progress)
     cached_before = {src.name for src, key, _ in jobs if cache.get(key) is not None}
     entries = encode_sources(jobs, tok, chat, cache, workers, chunk_mb, progress, log)
 
     decide = Truncation(N, "drop", K, min_prefix)
-    per_source = []
-    for source in sources:
-        if source.kind == "data_io":
-            rows = _Rows.data_io(read_data_io_source(source.path))
-            counts = {"rows": len(rows.inst_len)}
-            malformed = []
-        else:
-            entry = entries[source.name]
-            rows = _Rows.cached(entry)
-            counts = dict(entry.meta["counts"])
-            malformed = entry.meta.get("malformed_examples", [])
-        policy = Truncation(N, source.options["sampling"].long_context, K, min_prefix)
-        outcome, cut_left, resp_keep = truncate(rows, policy)
-        per_source.append((source, rows, counts, malformed, outcome, cut_left, resp_keep))
-
+    per_source = [_truncated(source, entries, Truncation(
+        N, source.options["sampling"].long_context, K, min_prefix)) for source in sources]
     run = {"tokenizer": str(tok_spec), "cache_dir": str(cache.root),
            "tokenized": sorted(src.name for src, _, _ in jobs if src.name not in cached_before),
            "cached": sorted(cached_before)}
@@ -286,7 +294,7 @@ def _write(output, overwrite, per_source, tok, chat, decide, epochs, seed, N, mi
     """Draw the epochs, write the dataset, return the coverage report."""
     drawn = []  # per source: per epoch, indices into its kept rows
     for source, rows, counts, malformed, outcome, cut_left, resp_keep in per_source:
-        kept = int(np.count_nonzero(outcome <= 2))
+        kept = int(np.count_nonzero(outcome <= TRUNCATED_RESPONSE))
         sampling = source.options["sampling"]
         want = sampling.rows_per_epoch(kept)
         words = sampling.seed_words(seed, source.name)
@@ -294,7 +302,7 @@ def _write(output, overwrite, per_source, tok, chat, decide, epochs, seed, N, mi
     total_epoch = [sum(len(d[k]) for d in drawn) for k in range(epochs)]
     if not any(total_epoch):
         raise InputError("no samples in any epoch: " + "; ".join(
-            f"{src.name}: {int(np.count_nonzero(out <= 2))} kept of {len(out)}"
+            f"{src.name}: {int(np.count_nonzero(out <= TRUNCATED_RESPONSE))} kept of {len(out)}"
             for src, _, _, _, out, _, _ in per_source))
 
     writer = DatasetWriter(output, [src.path for src, *_ in per_source], overwrite=overwrite,
@@ -309,7 +317,7 @@ def _write(output, overwrite, per_source, tok, chat, decide, epochs, seed, N, mi
                        desc="writing", file=sys.stderr, mininterval=0.5)
         for (source, rows, counts, malformed, outcome, cut_left, resp_keep), draws in zip(
                 per_source, drawn):
-            kept_rows = np.flatnonzero(outcome <= 2)
+            kept_rows = np.flatnonzero(outcome <= TRUNCATED_RESPONSE)
             used = np.unique(np.concatenate(draws)) if draws else np.zeros(0, np.int64)
             sel = kept_rows[used]
             out_start = np.empty(len(sel), np.int64)

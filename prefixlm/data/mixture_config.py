@@ -19,9 +19,9 @@ read and validated: a bad key or value is a one-line error naming the file, line
         turns: all                             # last | all
         columns: {messages: conversation}      # the schema's field -> the file's field
 
-Top-level keys: TOP_KEYS. A source entry (SOURCE_KEYS) and a rule (RULE_KEYS, data_io's
-`prefix`, `max_per_file`, `repeat`, `long_context`, plus `weight`, `max_per_epoch`) set how many of a
-source's kept rows an epoch draws:
+Top-level keys: TOP_KEYS. A source entry (SOURCE_KEYS) and a rule (RULE_KEYS: data_io's
+`prefix`, `max_per_file`, `repeat`, `long_context`, plus `weight`, `max_per_epoch`) set how many
+of a source's kept rows an epoch draws:
   max_per_file (= max_per_epoch) m, repeat r   min(m, kept) * r rows (m null: every kept row)
   weight w                                     round(w * kept) rows (0.5: half, 2.5: all twice
                                                and half again)

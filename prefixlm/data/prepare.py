@@ -1,9 +1,11 @@
 """prepare-sft: JSONL -> a tokenized HRM-Text "V1" dataset.
 
-Rows follow `rows.py` (instruction rows or chat rows); `render.py` renders them to samples and
-applies the truncation policy (its docstring gives the length rules); `writer.py` writes the
-folder (atomically: a temporary sibling, fsynced, renamed into place at the end; `--overwrite` only
-replaces a dataset prefixlm wrote).
+Rows follow `rows.py` (instruction rows or chat rows: their last assistant turn, or every one with
+turns="all"; rendered plainly, or by the tokenizer's own chat template, `chat.py`); `render.py`
+renders them to samples and applies the truncation policy (its docstring gives the length rules);
+`writer.py` writes the folder (atomically: a temporary sibling, fsynced, renamed into place at the
+end; `--overwrite` only replaces a dataset prefixlm wrote). A mixture of many sources is
+`mixture.py`'s.
 
 Output:
   tokens.npy (int32), epoch_k/{inst_start,inst_len,resp_start,resp_len}.npy (int64; epoch k is the

@@ -132,3 +132,23 @@ def test_an_empty_source_is_an_error_unless_skipped(tmp_path):
     with pytest.raises(InputError, match="the source has no rows"):
         encode_sources([_job(src)], TOK, None, SourceCache(tmp_path / "c"), 1, 1.0,
                        progress=False)
+
+
+def test_parquet_chat_rows_are_the_jsonl_rows(tmp_path):
+    """Guards Parquet chat rows (a list<struct<role, content>> column) read other than their JSONL
+    twins: the same samples, in the same order."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"a{i}"},
+                          {"role": "user", "content": "more?"},
+                          {"role": "assistant", "content": "no"}], "condition": "c"}
+            for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    write_jsonl(tmp_path / "chat.jsonl", rows)
+    got = {}
+    for name, kind in (("chat.parquet", "parquet"), ("chat.jsonl", "jsonl")):
+        got[kind] = encode_sources([_job(tmp_path / name, kind, turns="all")], TOK, None,
+                                   SourceCache(tmp_path / kind), 1, 1.0, progress=False)[name]
+    assert np.asarray(got["parquet"].tokens).tolist() == np.asarray(got["jsonl"].tokens).tolist()
+    assert got["parquet"].meta["samples"] == 10

@@ -502,7 +502,8 @@ def test_turns_all_gives_one_sample_per_assistant_turn(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "all" / "rows.jsonl").read_text().splitlines()]
     assert [(x["line"], x.get("turn")) for x in lines] == [(1, 2), (1, 4), (2, None)]
     prepare_sft([src], tmp_path / "last", context_size=256, **Q)
-    assert _decoded(tmp_path / "last")[0][1] == "A2<|eoa|>" and len(_decoded(tmp_path / "last")) == 2
+    last = _decoded(tmp_path / "last")
+    assert last[0][1] == "A2<|eoa|>" and len(last) == 2
 
 
 def test_chat_template_tokens_are_the_templates(tmp_path):

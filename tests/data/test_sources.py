@@ -1,4 +1,5 @@
-"""Mixture sources: what an entry names, data_io's source names, chunked reading, data_io folders."""
+"""Mixture sources: what an entry names, data_io's source names, chunked reading, data_io
+folders."""
 
 import numpy as np
 import pytest
