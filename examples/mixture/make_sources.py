@@ -35,6 +35,12 @@ def rows():
         a, b = (int(x) for x in rng.integers(1, 99, 2))
         out["instructions"].append({"instruction": f"Add {a} and {b}.", "response": str(a + b),
                                     "condition": "direct"})
+    # what the report counts: a response longer than the context (truncated) and an empty one
+    out["instructions"].append({"instruction": "Count to 800.",
+                                "response": " ".join(map(str, range(1, 801))),
+                                "condition": "direct"})
+    out["instructions"].append({"instruction": "Say nothing.", "response": "",
+                                "condition": "direct"})
     for i in range(10):
         a = int(rng.integers(1, 50))
         out["instructions"].append({"messages": [

@@ -107,8 +107,8 @@ def format_coverage(report: dict, short: bool = False) -> list[str]:
     if short:
         return lines + [f"Per source and epoch: {report['output']}/coverage.md"]
     lines += ["", "## Sources", "",
-              "| Source | Settings (from) | Rows | Samples | Kept | Truncated | Dropped | "
-              "Tokens kept | Per epoch | Covered |",
+              "| Source | Settings (from) | Rows | Samples | Kept (whole or truncated) | "
+              "Truncated | Dropped | Tokens kept | Per epoch | Covered |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in sources:
         o = s["outcomes"]

@@ -212,8 +212,8 @@ def encode_sources(jobs, tok, chat, cache: SourceCache, workers: int, chunk_mb: 
     chunk_bytes = max(1, int(chunk_mb * (1 << 20)))
     total = sum(s.path.stat().st_size for s, _, _ in todo)
     if log:
-        log(f"  tokenizing {len(todo)} source(s), {total / 1e6:.1f} MB, with {workers} "
-            f"worker(s); {len(done)} cached")
+        log(f"  tokenizing {len(todo)} source(s) ({total:,} bytes) with {workers} worker(s); "
+            f"{len(done)} cached")
     saved = os.environ.get("TOKENIZERS_PARALLELISM")
     pool = _pool(workers, tok, chat)  # before tqdm starts its monitor thread: fork copies none
     bar = None
