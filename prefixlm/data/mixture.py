@@ -27,6 +27,7 @@ prefixlm wrote).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -177,6 +178,11 @@ def _sources(mix, default_policy: str, defaults: ReadOptions) -> list:
     return sources
 
 
+def _stat(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def _cache_jobs(sources, tok, chat, progress: bool) -> list:
     """(source, cache key, entry metadata) of every JSONL and Parquet source; hashes the files."""
     fingerprint = tok.fingerprint()
@@ -190,6 +196,7 @@ def _cache_jobs(sources, tok, chat, progress: bool) -> list:
     jobs = []
     for source in files:
         read = source.options["read"]
+        source.options["stat"] = _stat(source.path)
         digest = file_sha256(source.path, progress=bar.update if bar is not None else None)
         settings = {"tokenizer": fingerprint, "read": read.settings(), "kind": source.kind,
                     "chat": chat.fingerprint() if read.chat_template == "tokenizer" else None}
@@ -274,6 +281,10 @@ def prepare_mixture(mixture, output, epochs: int | None = None, tokenizer=None, 
     jobs = _cache_jobs(sources, tok, chat, progress)
     cached_before = {src.name for src, key, _ in jobs if cache.get(key) is not None}
     entries = encode_sources(jobs, tok, chat, cache, workers, chunk_mb, progress, log)
+    for source, _, _ in jobs:
+        if source.name not in cached_before and _stat(source.path) != source.options["stat"]:
+            shutil.rmtree(entries[source.name].path, ignore_errors=True)
+            raise InputError(f"{source.path} changed while it was being tokenized; run again")
 
     decide = Truncation(N, "drop", K, min_prefix)
     per_source = [_truncated(source, entries, Truncation(

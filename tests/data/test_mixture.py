@@ -292,3 +292,24 @@ def test_weights_sub_sample_a_different_part_each_epoch(tmp_path):
     prepare_mixture(mix, tmp_path / "out", epochs=2, **Q)
     halves = [set(_samples(tmp_path / "out", k)) for k in range(2)]
     assert len(halves[0]) == len(halves[1]) == 5 and not halves[0] & halves[1]
+
+
+def test_a_file_changed_while_tokenized_is_not_cached(tmp_path, monkeypatch):
+    """Guards a cache entry keyed by the hash of one version of a file but holding another (the
+    file edited while it was read): the run stops and caches nothing for it."""
+    import prefixlm.data.encode as encode
+
+    src = write_rows(tmp_path / "a.jsonl", JSONL_ROWS)
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("tokenizer: byte\nsources: [a.jsonl]\n")
+    real = encode.jsonl_chunks
+
+    def editing(path, size):
+        yield from real(path, size)
+        with open(src, "a") as f:
+            f.write(json.dumps(JSONL_ROWS[0]) + "\n")
+
+    monkeypatch.setattr(encode, "jsonl_chunks", editing)
+    with pytest.raises(InputError, match="a.jsonl changed while it was being tokenized"):
+        prepare_mixture(mix, tmp_path / "out", conditions=["direct"], **Q)
+    assert list((tmp_path / ".prefixlm-cache").glob("*/meta.json")) == []
