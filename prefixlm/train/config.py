@@ -8,6 +8,7 @@ picks the base sizes that the other model fields then override.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,41 @@ __all__ = ["TrainConfig", "load_config", "parse_overrides", "save_config", "conf
            "RUNTIME_KEYS"]
 
 RUNTIME_KEYS = ("attention_backend",)
+
+# The SeqInfo offsets the kernels read are int32.
+MAX_CAPACITY = 2**31
+# (key, lowest allowed, first not allowed)
+_INT_RANGES = (
+    ("capacity", 1, MAX_CAPACITY), ("grad_accum", 1, 2**31), ("steps", 1, 2**62),
+    ("context_size", 1, MAX_CAPACITY), ("warmup_steps", 0, 2**62), ("log_every", 1, 2**62),
+    ("ckpt_every", 0, 2**62), ("keep_checkpoints", 0, 2**31), ("eval_max_samples", 0, 2**62),
+    ("synthetic_train", 1, 2**31), ("synthetic_eval", 0, 2**31), ("seed", 0, 2**63),
+    ("max_threads", 0, 2**16), ("fsdp_blocks_per_unit", 1, 2**31),
+)
+# key: (allowed, test). `v < math.inf` rejects inf, and NaN fails every comparison.
+_FLOAT_RULES = {
+    "lr": ("finite and > 0", lambda v: 0 < v < math.inf),
+    "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "weight_decay": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+    "beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "eps": ("finite and > 0", lambda v: 0 < v < math.inf),
+    "grad_clip": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+    "ema_decay": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "peak_tflops": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+}
+_MEANING = {
+    "ckpt_every": " (0: only at the end)", "keep_checkpoints": " (0: keep all)",
+    "eval_max_samples": " (0: the whole held-out split)", "max_threads": " (0: automatic)",
+    "grad_clip": " (0: no clipping)", "ema_decay": " (0: no EMA)",
+    "peak_tflops": " (0: known GPUs only)", "capacity": " (SeqInfo's offsets are int32)",
+}
+
+
+def _bound(value: int) -> str:
+    """2**31 rather than 2147483648 in messages."""
+    exponent = value.bit_length() - 1
+    return f"2**{exponent}" if value == 2**exponent and exponent > 16 else str(value)
 
 
 @dataclass
@@ -71,15 +107,17 @@ class TrainConfig:
     fsdp_blocks_per_unit: int = 6
 
     def validate(self) -> "TrainConfig":
-        positive = ("capacity", "grad_accum", "steps", "log_every", "context_size",
-                    "fsdp_blocks_per_unit")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        """Every numeric key within its range (the error names the key and the range), the
+        choices among their names, and the model's own checks, before any work starts."""
+        for name, low, high in _INT_RANGES:
+            value = getattr(self, name)
+            if not low <= value < high:
+                raise ValueError(f"{name} must be in [{low}, {_bound(high)}){_MEANING.get(name, '')}"
+                                 f", got {value}")
+        for name, (allowed, ok) in _FLOAT_RULES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"{name} must be {allowed}{_MEANING.get(name, '')}, got {value}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         from ..attention import backend_names  # here: reading a config needs no torch or triton
@@ -92,6 +130,12 @@ class TrainConfig:
         if self.context_size > self.capacity:
             raise ValueError(f"context_size ({self.context_size}) must fit in capacity "
                              f"({self.capacity})")
+        if self.model.vocab_size < 0:
+            raise ValueError(f"model.vocab_size must be >= 0 (0: the tokenizer's), got "
+                             f"{self.model.vocab_size}")
+        # The model's checks now rather than after the data is prepared (vocab_size 0 is filled
+        # in from the tokenizer later).
+        dataclasses.replace(self.model, vocab_size=self.model.vocab_size or 1).validate()
         return self
 
     def to_dict(self) -> dict:
