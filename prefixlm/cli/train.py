@@ -35,8 +35,10 @@ def _generate(args) -> int:
     import torch
 
     from ..model import answer
+    from ..model.generate import check_sampling
     from ..train.checkpoint import load_trained
 
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before loading anything
     torch.manual_seed(args.seed)
     model, cfg, tokenizer, ckpt = load_trained(args.checkpoint, use_ema=not args.no_ema,
                                                device=_device(args.device),
@@ -63,6 +65,10 @@ def _eval(args) -> int:
     from ..train.run import eval_batches_from, prepared_dataset, run_eval_source
     from ..train.trainer import evaluate
 
+    if args.max_samples < 0:
+        raise ValueError(f"--max-samples must be >= 0 (0: every sample), got {args.max_samples}")
+    if args.capacity < 0:
+        raise ValueError(f"--capacity must be >= 0 (0: the run's), got {args.capacity}")
     dist = setup(_device(args.device))
     model, cfg, tokenizer, ckpt = load_trained(args.checkpoint, use_ema=not args.no_ema,
                                                device=dist.device, backend=args.attention_backend)
@@ -81,6 +87,7 @@ def _eval(args) -> int:
     dataset = V1Dataset(str(path))
     if args.capacity:
         cfg.capacity = args.capacity
+        cfg.validate()
     result = evaluate(model, eval_batches_from(dataset, cfg, dist.device, args.max_samples)(), cfg,
                       dist.device)
     result["checkpoint"] = str(ckpt)
@@ -153,8 +160,9 @@ def register(subparsers) -> None:
                    help="held-out JSONL or prepared dataset (default: the run's held-out split)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="where a JSONL is prepared (default: the run's data/ folder)")
-    p.add_argument("--capacity", type=int, default=0)
-    p.add_argument("--max-samples", type=int, default=0)
+    p.add_argument("--capacity", type=int, default=0, help="tokens per batch (0: the run's)")
+    p.add_argument("--max-samples", type=int, default=0,
+                   help="evaluate the first N samples (0: all)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval)
 

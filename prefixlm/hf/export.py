@@ -73,6 +73,9 @@ def export_model(model: PrefixLM, tokenizer, out_dir: str | Path, *, overwrite: 
                  source: str = "") -> Path:
     save_file, _ = _safetensors()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file: export writes a directory; choose another "
+                         "--out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output {out} already exists and is not empty; pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,13 @@ added.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..attention import SeqInfo, decode_attention, prefixlm_attention
 
-__all__ = ["KVCache", "generate", "sample_next", "answer"]
+__all__ = ["KVCache", "generate", "sample_next", "check_sampling", "answer"]
 
 
 class KVCache:
@@ -37,6 +39,17 @@ class KVCache:
         keys = self.keys[index] = torch.cat([self.keys[index], k])
         values = self.values[index] = torch.cat([self.values[index], v])
         return decode_attention(q, keys, values)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
+    """ValueError naming the first out-of-range argument (NaN is out of every range)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -67,6 +80,7 @@ def generate(model, prompt_ids: list[int], *, max_new_tokens: int = 64, stop_id:
     """
     if not prompt_ids:
         raise ValueError("the prompt is empty: generation needs at least one prefix token")
+    check_sampling(max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
