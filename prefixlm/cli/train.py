@@ -17,7 +17,8 @@ def _train(args) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    run_training(cfg, resume=args.resume, resume_from=args.resume_from, overwrite=args.overwrite)
+    run_training(cfg, resume=args.resume, resume_from=args.resume_from, overwrite=args.overwrite,
+                 new_schedule=args.new_schedule)
     return 0
 
 
@@ -139,6 +140,10 @@ def register(subparsers) -> None:
                    help="continue from this checkpoint directory (run_dir/checkpoints/step_N)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete run_dir's checkpoints and logs and start over")
+    p.add_argument("--new-schedule", action="store_true",
+                   help="with --resume: continue on the learning-rate schedule of the new "
+                        "settings (steps, warmup_steps, lr, min_lr_ratio) instead of refusing "
+                        "to change it")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every key) as YAML and exit")
     p.set_defaults(func=_train)

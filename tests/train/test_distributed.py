@@ -66,7 +66,8 @@ def test_torchrun_prefixlm_train_cli(tmp_path):
     assert "held-out exact match" in done.stdout
     assert (tmp_path / "checkpoints" / "step_00000003" / "rank00001.pt").is_file()
     # --resume under torchrun: every rank agrees on the checkpoint through a collective.
-    done = _torchrun(["-m", "prefixlm", "train", "--resume", f"run_dir={tmp_path}", "steps=5",
+    done = _torchrun(["-m", "prefixlm", "train", "--resume", "--new-schedule",
+                      f"run_dir={tmp_path}", "steps=5",
                       "synthetic_train=300", "synthetic_eval=40", "capacity=512",
                       "model.hidden=32", "model.heads=2", "progress=false"])
     assert done.returncode == 0, done.stderr[-3000:]
