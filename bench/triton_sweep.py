@@ -14,14 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from prefixlm.attention.backends.triton_kernels import BwdConfig, FwdConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's prefixlm
+
+from prefixlm.attention.backends.triton_kernels import BwdConfig, FwdConfig  # noqa: E402
 
 DEFAULT_FWD = "128,128,8,3,3,1,0;256,128,16,3,3,1,0;256,64,16,3,3,1,0"
 # 16 warps: half the accumulator registers per thread of 8 (the 8-warp dK/dV kernel spills; 64-key
 # tiles, which avoid that, measured 1.5-1.9x slower: BENCHMARKS.md), and 256-row query tiles.
-DEFAULT_BWD = ("128,64,8,3,128,64,8,3,0,1;128,64,16,3,128,64,8,3,0,1;128,128,16,2,128,64,8,3,0,1;"
-               "128,64,8,3,256,64,16,3,0,1")
+# The fused key-major backward (atomic_dq=1: each timed both ways, deterministic two kernels and
+# fused): the table entry, Q/dO loads by TMA, dQ by pointer atomics, then the pipelining depths
+# and 32-row steps that spill less or not at all (offline ptxas counts for sm90, spill stores of
+# the two-kernel / fused dK/dV kernel: 64 rows 3 stages 1484 / 1864 bytes, 2 stages 764 / 916,
+# 64 rows 1 stage 64 / 140, 32 rows 2 stages 192 / 192, 32 rows 1 stage 0 / 0;
+# `python bench/triton_bwd_registers.py` prints them).
+DEFAULT_BWD = ("128,64,8,3,128,64,8,3,1,1,0,1;128,64,8,3,128,64,8,3,1,1,1,1;"
+               "128,64,8,3,128,64,8,3,1,1,0,0;128,64,8,2,128,64,8,3,1,1,0,1;"
+               "128,32,8,2,128,64,8,3,1,1,0,1;128,32,8,1,128,64,8,3,1,1,0,1;"
+               "128,64,8,1,128,64,8,3,1,1,0,1")
 
 def parse_configs(text: str, kind):
     """'a,b,c;d,e,f' -> [kind(a, b, c), kind(d, e, f)], each field cast to the field's type."""

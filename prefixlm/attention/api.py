@@ -80,7 +80,7 @@ def prepare_attention(info: SeqInfo, inputs: AttentionInputs, backend: str = "au
     module = resolve_backend(backend, inputs)
     prepare = getattr(module, "prepare", None)
     if prepare is not None:
-        prepare(info, inputs.rows)
+        prepare(info, inputs)
     return module.NAME
 
 

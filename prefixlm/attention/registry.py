@@ -5,7 +5,7 @@ A backend is a module with:
   USES_OP                                  True: it runs inside the `prefixlm::attention` custom op
   unavailable_reason(inputs) -> str|None   why it cannot run these inputs (None: it can); `inputs`
                                            is an `AttentionInputs` (static properties, no data)
-  prepare(info, rows) -> None              optional: per-batch work done once before the layers
+  prepare(info, inputs) -> None            optional: per-batch work done once before the layers
   op backends (USES_OP):
     lse_shape(q), forward(q, k, v, meta, scale) -> (out, lse),
     backward(dout, q, k, v, out, lse, meta, scale, deterministic) -> (dq, dk, dv)
@@ -14,10 +14,11 @@ A backend is a module with:
 A backend whose optional dependency is missing still imports; `unavailable_reason` names it.
 
 `auto` takes the first backend in AUTO_ORDER[auto_class(inputs)] that can run the inputs. The orders
-follow the speeds measured on the H200 (BENCHMARKS.md, "Attention"): for training, cuDNN's two passes
-on long head-dim-128 batches on sm90 and the fused Triton kernel otherwise; for forward-only calls
-FA3's two passes first (its backward was not measurable). On CPU and MPS it is SDPA, which runs
-everywhere.
+follow the speeds measured on the H200 (BENCHMARKS.md, "Attention"): on sm90, batches of 32k rows
+and more go to cuDNN's one-pass interval-mask attention (cudnn_flex) first, forward and backward;
+shorter training batches to the fused Triton kernel, shorter forward-only calls to FA3's two
+passes. Where a backend's library is missing the next one runs. On CPU and MPS it is SDPA, which
+runs everywhere.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from . import reference
-from .backends import cudnn, fa3, flex, sdpa, triton
+from .backends import cudnn, cudnn_flex, fa3, flex, sdpa, triton
 
 __all__ = ["AttentionInputs", "BACKENDS", "AUTO_ORDER", "auto_class", "backend_names",
            "op_backend", "resolve_backend"]
@@ -65,13 +66,15 @@ def _register(*modules) -> dict:
     return table
 
 
-BACKENDS = _register(reference, sdpa, flex, fa3, triton, cudnn)
+BACKENDS = _register(reference, sdpa, flex, fa3, triton, cudnn, cudnn_flex)
 
 # Orders by "shape class" (`auto_class`); the first backend that can run the inputs wins.
 AUTO_ORDER = {
-    "cuda_sm90_train_hd128_long": ("cudnn", "triton", "fa3", "flex", "sdpa"),
-    "cuda_train": ("triton", "cudnn", "fa3", "flex", "sdpa"),
-    "cuda_forward": ("fa3", "triton", "cudnn", "flex", "sdpa"),
+    "cuda_sm90_train_long_hd128": ("cudnn_flex", "cudnn", "triton", "fa3", "flex", "sdpa"),
+    "cuda_sm90_train_long": ("cudnn_flex", "triton", "cudnn", "fa3", "flex", "sdpa"),
+    "cuda_train": ("triton", "cudnn_flex", "cudnn", "fa3", "flex", "sdpa"),
+    "cuda_sm90_forward_long": ("cudnn_flex", "fa3", "triton", "cudnn", "flex", "sdpa"),
+    "cuda_forward": ("fa3", "triton", "cudnn_flex", "cudnn", "flex", "sdpa"),
     "default": ("sdpa",),  # CPU, MPS: Flex there is an unfused forward-only fallback
 }
 LONG_BATCH = 32768  # rows of q at and above which a batch counts as "long"
@@ -86,11 +89,12 @@ def auto_class(inputs: AttentionInputs) -> str:
     """The AUTO_ORDER key for these inputs."""
     if inputs.device.type != "cuda":
         return "default"
-    if not inputs.requires_grad:
-        return "cuda_forward"
     index = inputs.device.index if inputs.device.index is not None else 0
-    if inputs.head_dim == 128 and inputs.rows >= LONG_BATCH and _is_sm90(index):
-        return "cuda_sm90_train_hd128_long"
+    long_sm90 = inputs.rows >= LONG_BATCH and _is_sm90(index)
+    if not inputs.requires_grad:
+        return "cuda_sm90_forward_long" if long_sm90 else "cuda_forward"
+    if long_sm90:
+        return "cuda_sm90_train_long_hd128" if inputs.head_dim == 128 else "cuda_sm90_train_long"
     return "cuda_train"
 
 

@@ -2,7 +2,9 @@
 
 Methods: `triton` (this package's fused kernels), `cudnn` (the two-pass cuDNN backend; its records
 also carry the graph-building cost of a first call on an empty graph cache), `flex`
-(FlexAttention, document + prefix block mask, compiled), `sdpa_padded` (SDPA on the batch padded
+(FlexAttention, document + prefix block mask, compiled), `cudnn_flex` (cudnn.flex_attention, one
+pass with an interval mask; its plan is built by the warm-up, once per batch as in training),
+`fa4` (FlashAttention-4's two passes, `bench.anchors`), `sdpa_padded` (SDPA on the batch padded
 to its longest sample with a boolean mask; the gather into the padded layout is outside the timed
 region), and, when `flash_attn_interface` imports,
 `fa3` (the two-pass forward, both FA3 kernels called directly) and the bounds `fa3_causal` / `fa3_full` (FA3 varlen forward over the
@@ -21,14 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attention import BatchMeta, prefixlm_attention
+from ..attention import AttentionInputs, BatchMeta, prefixlm_attention
 from ..attention.backends import cudnn as cudnn_backend
+from ..attention.backends import cudnn_flex
 from ..attention.mask import dense_tiles
 from .spec import CASES, AttentionBatch, package_version, time_ms
 
 __all__ = ["METHODS", "FWD_ONLY", "run_attention_bench", "sweep_configs"]
 
-METHODS = ("triton", "cudnn", "flex", "sdpa_padded", "fa3", "fa3_causal", "fa3_full")
+METHODS = ("triton", "cudnn", "cudnn_flex", "flex", "sdpa_padded", "fa3", "fa4", "fa3_causal",
+           "fa3_full")
 FWD_ONLY = ("fa3", "fa3_causal", "fa3_full")
 
 
@@ -90,8 +94,11 @@ def _fa3_bound_runner(inp: AttentionBatch, causal: bool):
 
 
 def _runner(method: str, inp: AttentionBatch, backward: bool):
-    if method in ("triton", "cudnn", "flex", "fa3"):  # fa3: the two-pass backend, through the op
+    if method in ("triton", "cudnn", "cudnn_flex", "flex", "fa3"):  # fa3: two passes, via the op
         return _api_runner(inp, method, backward)
+    if method == "fa4":  # FlashAttention-4's two passes: an anchor, not a backend
+        from .anchors import fa4_two_pass_runner
+        return fa4_two_pass_runner(inp, backward)
     if method == "sdpa_padded":
         return _sdpa_padded_runner(inp, backward)
     if method in ("fa3_causal", "fa3_full"):
@@ -105,6 +112,12 @@ def _available(method: str) -> str | None:
     if method == "cudnn":
         if cudnn_backend._load() is None:
             return "cudnn frontend not importable"
+    if method == "cudnn_flex":
+        probe = torch.zeros(1, 1, 128, dtype=torch.bfloat16, device="cuda")
+        return cudnn_flex.unavailable_reason(AttentionInputs.of(probe, probe, probe))
+    if method == "fa4":
+        from .anchors import fa4_unavailable_reason
+        return fa4_unavailable_reason()
     return None
 
 
@@ -156,6 +169,9 @@ def run_attention_bench(cases=None, backends=None, iters: int = 30,
                         fn = _runner(method, inp, which == "fwd_bwd")
                         if method == "cudnn":
                             rec.update(_cudnn_build_cost(fn))
+                        if method == "cudnn_flex":
+                            from .anchors import cudnn_flex_plan_cost
+                            rec.update(cudnn_flex_plan_cost(fn, inp.info))
                         ms = time_ms(fn, iters)
                         flops = inp.flops * (3.5 if which == "fwd_bwd" else 1.0)
                         rec.update(ms=ms, tflops=flops / ms / 1e9)
@@ -181,6 +197,8 @@ def _print_record(rec):
     else:
         build = (f"  (first call {rec['first_call_ms']:.0f} ms, {rec['graphs']} graphs built in "
                  f"{rec['build_ms']:.0f} ms)" if "build_ms" in rec else "")
+        if "plan_call_ms" in rec:
+            build = f"  (call with a new plan {rec['plan_call_ms']:.2f} ms)"
         print(f"  {rec['case']} {rec['method']:12s} {rec['pass_']:7s} {rec['ms']:8.3f} ms "
               f"{rec['tflops']:6.0f} TFLOP/s{build}", flush=True)
 

@@ -7,10 +7,10 @@ import sys
 __all__ = ["register"]
 
 # Defaults shown in --help without importing the benchmark modules (they import torch and the
-# trainer); the modules check the names.
+# trainer); the modules check the names, and a test keeps these lists equal to theirs.
 ATTENTION_CASES = "A,B,C,D,E,F,G"
-ATTENTION_METHODS = "triton,cudnn,flex,sdpa_padded,fa3,fa3_causal,fa3_full"
-TRAIN_BACKENDS = "triton,cudnn,flex,sdpa,fa3"
+ATTENTION_METHODS = "triton,cudnn,cudnn_flex,flex,sdpa_padded,fa3,fa4,fa3_causal,fa3_full"
+TRAIN_BACKENDS = "triton,cudnn_flex,cudnn,flex,sdpa,fa3"
 TRAIN_ARCHS = "transformer,hrm"
 PEAK_TFLOPS = 989.0
 

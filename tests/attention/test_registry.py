@@ -19,21 +19,24 @@ def test_auto_picks_sdpa_on_cpu():
 
 
 def test_auto_rule_by_shape_class(monkeypatch):
-    """Guards the documented auto rule (README, registry): on an sm90 GPU, training on long
-    head-dim-128 batches goes to cudnn first, other training to triton, forward-only calls to fa3.
-    The rule reads only static properties, so described inputs stand in for a GPU."""
+    """Guards the documented auto rule (README, registry): on an sm90 GPU, batches of 32k rows and
+    more go to cudnn_flex first (then cuDNN's two passes before triton at head dim 128, triton
+    before them otherwise, fa3 before triton forward only); shorter training batches to triton,
+    shorter forward-only calls to fa3. The rule reads only static properties, so described inputs
+    stand in for a GPU."""
     monkeypatch.setattr(registry, "_is_sm90", lambda index: True)
 
-    def cls(rows, head_dim, grad):
-        return registry.auto_class(_inputs(rows, "cuda:0", head_dim, grad))
+    def order(rows, head_dim, grad):
+        return registry.AUTO_ORDER[registry.auto_class(_inputs(rows, "cuda:0", head_dim, grad))]
 
-    assert cls(65536, 128, True) == "cuda_sm90_train_hd128_long"
-    assert registry.AUTO_ORDER[cls(65536, 128, True)][0] == "cudnn"
-    assert registry.AUTO_ORDER[cls(16384, 128, True)][0] == "triton"
-    assert registry.AUTO_ORDER[cls(65536, 64, True)][0] == "triton"
-    assert registry.AUTO_ORDER[cls(65536, 128, False)][0] == "fa3"
+    assert order(65536, 128, True)[:3] == ("cudnn_flex", "cudnn", "triton")
+    assert order(65536, 64, True)[:3] == ("cudnn_flex", "triton", "cudnn")
+    assert order(65536, 128, False)[:3] == ("cudnn_flex", "fa3", "triton")
+    assert order(16384, 128, True)[0] == "triton"
+    assert order(16384, 128, False)[0] == "fa3"
     monkeypatch.setattr(registry, "_is_sm90", lambda index: False)
-    assert cls(65536, 128, True) == "cuda_train"
+    assert order(65536, 128, True)[0] == "triton"
+    assert order(65536, 128, False)[0] == "fa3"
 
 
 def test_inputs_of_tensors_read_the_gradient_mode():
@@ -74,7 +77,7 @@ def test_prepare_attention_resolves_auto_first(monkeypatch):
     there is nothing to prepare."""
     info = SeqInfo.from_lengths([3, 2], [1, 0], capacity=8)
     built = []
-    monkeypatch.setattr(flex, "prepare", lambda info, rows: built.append(rows))
+    monkeypatch.setattr(flex, "prepare", lambda info, inputs: built.append(inputs.rows))
     assert prepare_attention(info, _inputs(rows=8)) == "sdpa" and built == []
     monkeypatch.setitem(registry.AUTO_ORDER, "default", ("flex", "sdpa"))
     assert prepare_attention(info, _inputs(rows=8)) == "flex" and built == [8]

@@ -1,4 +1,4 @@
-"""The accuracy rule itself (`prefixlm.attention.testing.error_stat`): it must pass the right
+"""The accuracy rule itself (`prefixlm.attention.verify.error_stat`): it must pass the right
 answer rounded to the kernel's dtype and fail the mistakes a kernel makes (a wrong mask, an error
 above rounding, NaN, padding not zeroed), in 16-bit and in fp32."""
 

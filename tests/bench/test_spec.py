@@ -42,3 +42,17 @@ def test_token_batch_follows_the_loader_label_convention():
     batches = [next(iter(loader)) for _ in range(4)]
     assert [b.info.max_causal == 0 for b in batches] == [False, True, False, True]
     assert loader.state_dict() == {"position": 4}
+
+
+def test_the_cli_defaults_name_every_case_and_method():
+    """Guards `prefixlm bench attention` silently skipping a method: the CLI's default lists
+    (kept there so that --help imports nothing heavy) must equal the benchmark's own."""
+    from prefixlm.bench.attention import METHODS
+    from prefixlm.bench.spec import CASES
+    from prefixlm.bench.train import ARCHS, DEFAULT_BACKENDS
+    from prefixlm.cli import bench as cli_bench
+
+    assert cli_bench.ATTENTION_CASES.split(",") == list(CASES)
+    assert tuple(cli_bench.ATTENTION_METHODS.split(",")) == METHODS
+    assert tuple(cli_bench.TRAIN_BACKENDS.split(",")) == tuple(DEFAULT_BACKENDS)
+    assert tuple(cli_bench.TRAIN_ARCHS.split(",")) == tuple(ARCHS)

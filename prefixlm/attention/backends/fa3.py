@@ -83,6 +83,24 @@ def _pass_of_rows(meta, rows: int) -> np.ndarray:
     return pass_of_rows
 
 
+def add_prefix_pass(meta, grads, prefix_grads) -> None:
+    """Combine the prefix pass's (dq, dk, dv) into the causal pass's, in place.
+
+    Pass 1's gradients are nonzero only on prefix rows (its queries and keys are the prefixes), so
+    combining touches only those rows and is exact: dq rows of the two passes are disjoint (copy);
+    dK/dV of prefix rows are the sum of both passes (add), except in samples without causal
+    tokens, whose rows pass 2 never covered (copy). The rest of the pass-1 buffers is never read,
+    so they need no memset. Shared by every two-pass decomposition on varlen kernels."""
+    (dq, dk, dv), (dq1, dk1, dv1) = grads, prefix_grads
+    add = _prefix_rows(meta, "with_causal", dq.device)
+    copy = _prefix_rows(meta, "without_causal", dq.device)
+    rows = torch.cat([add, copy])
+    dq.index_copy_(0, rows, dq1.index_select(0, rows))
+    for full, part in ((dk, dk1), (dv, dv1)):
+        full.index_add_(0, add, part.index_select(0, add))
+        full.index_copy_(0, copy, part.index_select(0, copy))
+
+
 def forward(q, k, v, meta, softmax_scale):
     # The passes write disjoint rows (seqused_q) of one output buffer: FA3's own op declares
     # `out` as written in place, so no copy and no memset; only the padding tail is zeroed.
@@ -119,20 +137,9 @@ def backward(dout, q, k, v, out, lse, meta, softmax_scale, deterministic):
         # Pass 2's keys are every row of every sample with causal tokens: dk, dv get all of them.
         run("causal", True, dq, dk, dv)
     if meta.max_prefix > 0:
-        # Pass 1's gradients are nonzero only on prefix rows (its queries and keys are the
-        # prefixes), so combining touches only those rows and is exact: dq rows of the two passes
-        # are disjoint (copy); dK/dV of prefix rows are the sum of both passes (add), except in
-        # samples without causal tokens, whose rows pass 2 never covered (copy). The rest of the
-        # pass-1 buffers is never read, so they need no memset.
         dq1, dk1, dv1 = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         run("prefix", False, dq1, dk1, dv1)
-        add = _prefix_rows(meta, "with_causal", q.device)
-        copy = _prefix_rows(meta, "without_causal", q.device)
-        rows = torch.cat([add, copy])
-        dq.index_copy_(0, rows, dq1.index_select(0, rows))
-        for full, part in ((dk, dk1), (dv, dv1)):
-            full.index_add_(0, add, part.index_select(0, add))
-            full.index_copy_(0, copy, part.index_select(0, copy))
+        add_prefix_pass(meta, (dq, dk, dv), (dq1, dk1, dv1))
     for grad in (dq, dk, dv):
         grad[meta.total:].zero_()
     # FA3 takes rowsum(dO * O) from the 16-bit O, which dominates dS in 1-2 token samples.

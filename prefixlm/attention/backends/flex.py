@@ -114,12 +114,12 @@ def _cached_block_mask(info, rows: int):
     return info.cached(("flex_block_mask", rows), lambda: _block_mask(info, rows, info.device))
 
 
-def prepare(info, rows: int) -> None:
+def prepare(info, inputs) -> None:
     """Build the batch's block mask now, outside compiled code: every compiled layer then reads
     the same cached mask and traces to one graph (built inside the first layer, that layer's
     graph differs from the rest and Flex's kernels compile twice)."""
     if flex_attention is not None and info.slots:
-        _cached_block_mask(info, rows)
+        _cached_block_mask(info, inputs.rows)
 
 
 def attention(q, k, v, info, softmax_scale, deterministic):

@@ -25,12 +25,24 @@ Scheduling. Tiles are listed on the host from the batch's host lengths (no GPU s
 longest-first, and copied to the device from pinned memory; program id = tile * heads + head, so
 the most expensive tiles of every head start first and short ones fill the tail.
 
-Backward. `delta` (D_i) is a small pre-kernel (rows of samples of <= 32 tokens then get the exact
-sum_j P_ij dP_ij instead, computed densely: there the 16-bit rounding of o_i would dominate). dK/dV come from a key-major kernel that loops over the
-G query heads of its key/value head, so GQA needs no reduction buffer. dQ either comes from a second,
-query-major kernel (deterministic: no atomics) or is added with fp32 atomics into a Q-sized scratch
-buffer from inside the key-major kernel and converted by a small post-kernel (not bitwise
-reproducible). Rows past the last sample are written as zeros (tail slices only).
+Backward. A pre-kernel computes D_i = do_i . o_i (rows of samples of <= 32 tokens then get the
+exact sum_j P_ij dP_ij instead, computed densely: there the 16-bit rounding of o_i would dominate).
+Work is key-major: a program holds one key tile of one key/value head (K, V and the fp32 dK, dV
+accumulators) and walks the query tiles that see it, for each of the G query heads of its group in
+turn, so GQA needs no dK/dV reduction buffer. Per query tile it forms S^T = K Q^T and P^T (keys as
+MMA rows, so P^T and dS^T feed dV += P^T dO and dK += dS^T Q from registers), dP^T = V dO^T and
+dS^T.
+  deterministic=False (`BwdConfig.atomic_dq`, the fused path): the same program also forms the
+    tile's dQ contribution dS K (5 matrix products in all instead of 7) and adds it into an fp32
+    scratch of (total, Hq, D) by a TMA bulk reduce-add of the whole tile through a tensor
+    descriptor (`dq_tma`, sm90+: FlashAttention-3's scheme) or by per-element atomics
+    (`dq_tma=False`, and always under the Triton interpreter, which has no descriptor reduce). The
+    scratch is zeroed by the D pre-kernel and converted (times s) to dQ's dtype by a post-kernel:
+    one extra write and one read+write of 4 * total * Hq * D bytes (case A: 392 MB, ~0.25 ms). The
+    order of the additions varies from run to run: not bitwise reproducible.
+  deterministic=True: dQ comes from a second, query-major kernel without atomics (S, P and dP are
+    recomputed there), optionally on a side stream beside the key-major kernel.
+Rows past the last sample are written as zeros (tail slices only).
 """
 
 from __future__ import annotations
@@ -173,8 +185,11 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, prefix_lens, tiles,
 
 
 @triton.jit
-def _bwd_delta_kernel(O, DO, DELTA, total, stride_ot, stride_oh, stride_dot, stride_doh,
-                      stride_dh, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+def _bwd_delta_kernel(O, DO, DELTA, DQACC, total, stride_ot, stride_oh, stride_dot, stride_doh,
+                      stride_dh, stride_dqt, stride_dqh, HEAD_DIM: tl.constexpr,
+                      BLOCK: tl.constexpr, ZERO_DQ: tl.constexpr):
+    """D = rowsum(do * o) of rows [0, total) of one head; with ZERO_DQ also zeroes those rows of the
+    fused path's fp32 dQ scratch (one pass over the rows instead of a separate memset launch)."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     head = tl.program_id(1)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -186,27 +201,49 @@ def _bwd_delta_kernel(O, DO, DELTA, total, stride_ot, stride_oh, stride_dot, str
                  mask=ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + head * stride_dh + rows64, delta, mask=ok)
+    if ZERO_DQ:
+        tl.store(DQACC + rows64[:, None] * stride_dqt + head * stride_dqh + offs_d[None, :],
+                 tl.zeros([BLOCK, HEAD_DIM], tl.float32), mask=ok[:, None])
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                    stride_qt, stride_dot, stride_dqt, lo, hi, offs_n, offs_d, seqlen, prefix,
-                    qk_scale, sm_scale, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                    BLOCK_M: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+def _load_rows(base, desc, row0, col0, rows, offs_d, stride_t, seqlen, MASK: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """A (BLOCK_M, D) tile of Q or dO: sample-local rows `rows`, which start at `row0` of the packed
+    tensor (TMA) / at `base` (pointers). Rows past the sample come back as exact zeros in masked
+    tiles: they may belong to the next sample or to NaN padding, and 0 * NaN would leak."""
+    if USE_TMA:
+        tile = desc.load([row0, col0])
+        if MASK:
+            tile = tl.where((rows < seqlen)[:, None], tile, 0.0)
+    elif MASK:
+        tile = tl.load(base + rows[:, None] * stride_t + offs_d[None, :],
+                       mask=(rows < seqlen)[:, None], other=0.0)
+    else:
+        tile = tl.load(base + rows[:, None] * stride_t + offs_d[None, :])
+    return tile
+
+
+@triton.jit
+def _bwd_kv_tile_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, desc_q,
+                       desc_do, desc_dq, row0, col0, stride_qt, stride_dot, stride_dqt, lo, hi,
+                       offs_n, offs_d, seqlen, prefix, qk_scale, MASK: tl.constexpr,
+                       FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, USE_TMA: tl.constexpr,
+                       BLOCK_M: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    """Query tiles [lo, hi) of one head against this program's key tile: accumulates dK (unscaled)
+    and dV, and with FUSED_DQ adds each tile's unscaled dS K into the fp32 dQ scratch."""
     offs_mb = tl.arange(0, BLOCK_M)
     for m in tl.range(lo, hi, BLOCK_M, num_stages=STAGES):
         rows = m + offs_mb
+        q = _load_rows(q_base, desc_q, row0 + m, col0, rows, offs_d, stride_qt, seqlen, MASK,
+                       USE_TMA)
+        do = _load_rows(do_base, desc_do, row0 + m, col0, rows, offs_d, stride_dot, seqlen, MASK,
+                        USE_TMA)
         if MASK:
             row_ok = rows < seqlen
-            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None],
-                        other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :],
-                         mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         else:
-            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :])
-            do = tl.load(do_base + rows[:, None] * stride_dot + offs_d[None, :])
             lse = tl.load(lse_base + rows)
             delta = tl.load(delta_base + rows)
         qkT = tl.dot(k, tl.trans(q), input_precision=PREC)          # (BLOCK_N, BLOCK_M)
@@ -215,17 +252,24 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
             allowed = ((offs_n[:, None] < prefix) | (offs_n[:, None] <= rows[None, :])) & \
                 (rows[None, :] < seqlen)
             pT = tl.where(allowed, pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        # Accumulating inside the dot keeps no second (BLOCK_N, D) fp32 tile alive.
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * sm_scale
-            dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
-            if MASK:
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+        # Rows past the sample: pT = 0 and dO = 0 there, so dS^T is exactly 0 (their dQ adds 0).
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = tl.dot(dsT, q, dk, input_precision=PREC)
+        if FUSED_DQ:
+            dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)   # (BLOCK_M, D), unscaled
+            if DQ_TMA:
+                # Bulk reduce-add of the whole tile; rows past `total` fall outside the
+                # descriptor and are dropped, rows of the next sample get + 0.
+                desc_dq.atomic_add([row0 + m, col0], dq)
             else:
-                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+                dq_ptrs = dq_base + rows[:, None] * stride_dqt + offs_d[None, :]
+                if MASK:
+                    tl.atomic_add(dq_ptrs, dq, mask=(rows < seqlen)[:, None], sem="relaxed")
+                else:
+                    tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
@@ -234,8 +278,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, cu_seqlens, prefix_
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                      stride_dqt, stride_dqh, stride_lh, qk_scale, sm_scale, num_kv_heads, group,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                     rows_total, dq_rows, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+                     USE_TMA: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     kv_head, k_lo, start, start64, seqlen, prefix = _program_tile(tiles, cu_seqlens,
                                                                   prefix_lens, num_kv_heads)
 
@@ -246,6 +291,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, cu_seqlens, prefix_
                 + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     v = tl.load(V + start64 * stride_vt + kv_head * stride_vh + offs_n[:, None] * stride_vt
                 + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+
+    num_heads = num_kv_heads * group
+    # Descriptors span every head (a row is Hq * D elements); the head picks the column. One set
+    # per program, shared by the G heads of the loop below.
+    if USE_TMA:
+        desc_q = tl.make_tensor_descriptor(Q, shape=[rows_total, num_heads * HEAD_DIM],
+                                           strides=[stride_qt, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        desc_do = tl.make_tensor_descriptor(DO, shape=[rows_total, num_heads * HEAD_DIM],
+                                            strides=[stride_dot, 1],
+                                            block_shape=[BLOCK_M, HEAD_DIM])
+    else:
+        desc_q = Q
+        desc_do = DO
+    if FUSED_DQ and DQ_TMA:
+        desc_dq = tl.make_tensor_descriptor(DQACC, shape=[dq_rows, num_heads * HEAD_DIM],
+                                            strides=[stride_dqt, 1],
+                                            block_shape=[BLOCK_M, HEAD_DIM])
+    else:
+        desc_dq = DQACC
 
     # Queries that see any key of this tile start at 0 (a prefix key is in the tile) or at k_lo.
     q_start = tl.where(k_lo < prefix, 0, k_lo)
@@ -263,18 +328,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQACC, cu_seqlens, prefix_
         lse_base = LSE + head * stride_lh + start64
         delta_base = DELTA + head * stride_lh + start64
         dq_base = DQACC + start64 * stride_dqt + head * stride_dqh
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                 stride_qt, stride_dot, stride_dqt, q_start, mask_end, offs_n,
-                                 offs_d, seqlen, prefix, qk_scale, sm_scale, True, ATOMIC_DQ,
-                                 BLOCK_M, PREC, STAGES)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                 stride_qt, stride_dot, stride_dqt, full_start, full_end, offs_n,
-                                 offs_d, seqlen, prefix, qk_scale, sm_scale, False, ATOMIC_DQ,
-                                 BLOCK_M, PREC, STAGES)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
-                                 stride_qt, stride_dot, stride_dqt, full_end, seqlen, offs_n,
-                                 offs_d, seqlen, prefix, qk_scale, sm_scale, True, ATOMIC_DQ,
-                                 BLOCK_M, PREC, STAGES)
+        col0 = head * HEAD_DIM
+        dk, dv = _bwd_kv_tile_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                    desc_q, desc_do, desc_dq, start, col0, stride_qt, stride_dot,
+                                    stride_dqt, q_start, mask_end, offs_n, offs_d, seqlen, prefix,
+                                    qk_scale, True, FUSED_DQ, DQ_TMA, USE_TMA, BLOCK_M, PREC,
+                                    STAGES)
+        dk, dv = _bwd_kv_tile_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                    desc_q, desc_do, desc_dq, start, col0, stride_qt, stride_dot,
+                                    stride_dqt, full_start, full_end, offs_n, offs_d, seqlen,
+                                    prefix, qk_scale, False, FUSED_DQ, DQ_TMA, USE_TMA, BLOCK_M,
+                                    PREC, STAGES)
+        dk, dv = _bwd_kv_tile_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
+                                    desc_q, desc_do, desc_dq, start, col0, stride_qt, stride_dot,
+                                    stride_dqt, full_end, seqlen, offs_n, offs_d, seqlen, prefix,
+                                    qk_scale, True, FUSED_DQ, DQ_TMA, USE_TMA, BLOCK_M, PREC,
+                                    STAGES)
     dk = dk * sm_scale
     tl.store(DK + start64 * stride_dkt + kv_head * stride_dkh + offs_n[:, None] * stride_dkt
              + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
@@ -339,11 +408,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, prefix_lens, tiles,
 
 
 @triton.jit
-def _cast_rows_kernel(SRC, DST, total, n_cols, BLOCK: tl.constexpr):
-    """DST[:total] = SRC[:total] (fp32 -> DST dtype), flat row-major."""
+def _cast_rows_kernel(SRC, DST, total, n_cols, scale, BLOCK: tl.constexpr):
+    """DST[:total] = scale * SRC[:total] (fp32 -> DST dtype), flat row-major."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total * n_cols
-    tl.store(DST + offs, tl.load(SRC + offs, mask=ok).to(DST.dtype.element_ty), mask=ok)
+    tl.store(DST + offs, (tl.load(SRC + offs, mask=ok) * scale).to(DST.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,8 +441,16 @@ class BwdConfig(NamedTuple):
     q_block_n: int = 64
     q_warps: int = 8
     q_stages: int = 2
-    atomic_dq: bool = False   # default path: dQ by fp32 atomics from the key-major kernel
+    # deterministic=False: dQ from the key-major kernel itself (one fused kernel, fp32 reduce-add
+    # into a scratch) instead of the query-major kernel; deterministic=True never does this.
+    atomic_dq: bool = False
     overlap_dq: bool = True   # run the dQ kernel on a side stream beside dK/dV (fills both tails)
+    # key-major kernel: Q and dO tiles through on-device tensor descriptors (TMA, sm90+) when their
+    # layout allows (`tma_compatible`), plain pointer loads otherwise
+    use_tma: bool = False
+    # fused path: dQ tiles added by a tensor-descriptor bulk reduce (TMA, sm90+; CUDA only, the
+    # Triton interpreter has none) instead of per-element atomics
+    dq_tma: bool = True
 
 
 # Tuned on the H200 (sm90) with triton 3.6: BENCHMARKS.md, "Triton kernel configs".
@@ -387,8 +464,10 @@ _FWD_CONFIGS: dict = {
 _BWD_CONFIGS: dict = {
     (head_dim, dtype, (9, 0)): cfg
     for dtype in (torch.bfloat16, torch.float16)
-    for head_dim, cfg in ((128, BwdConfig(128, 64, 8, 3, 128, 64, 8, 3, False, True)),
-                          (64, BwdConfig(128, 32, 4, 3, 64, 64, 4, 3, False, True)))
+    # The two kernels for either mode: the fused key-major kernel (atomic_dq) measured slower
+    # (BENCHMARKS.md, "Triton kernel configs").
+    for head_dim, cfg in ((128, BwdConfig(128, 64, 8, 3, 128, 64, 8, 3, False, True, False, True)),
+                          (64, BwdConfig(128, 32, 4, 3, 64, 64, 4, 3, False, True, False, True)))
 }
 
 
@@ -412,7 +491,9 @@ def bwd_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> BwdCo
     if cfg is not None:
         return cfg
     if device.type != "cuda":
-        return BwdConfig(32, 16, 4, 1, 32, 16, 4, 1, False, False)
+        # The interpreter: small tiles and the sm90 table's paths (the fused path's dQ by pointer
+        # atomics when asked for: the interpreter has no descriptor reduce).
+        return BwdConfig(32, 16, 4, 1, 32, 16, 4, 1, False, False, False, False)
     return BwdConfig()
 
 
@@ -466,17 +547,17 @@ def tma_compatible(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-_ALLOCATOR_SET = False
+def _scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8,
+                       device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
 
 
 def _ensure_allocator():
-    """On-device tensor descriptors need scratch memory from an allocator Triton can call."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(
-            size, dtype=torch.int8, device=torch.cuda.current_device()
-            if torch.cuda.is_available() else "cpu"))
-        _ALLOCATOR_SET = True
+    """On-device tensor descriptors need scratch memory from an allocator Triton can call. Triton
+    keeps the allocator in a context variable, which a new thread does not inherit: the autograd
+    engine runs the backward on a thread of its own, so it is set before every launch that needs
+    it (a cheap assignment), not once per process."""
+    triton.set_allocator(_scratch)
 
 
 def prefixlm_attention_fwd(q, k, v, meta, softmax_scale: float, config: FwdConfig | None = None):
@@ -526,7 +607,7 @@ def prefixlm_attention_bwd(dout, q, k, v, out, lse, meta, softmax_scale: float,
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
     cfg = config or bwd_config(head_dim, q.dtype, q.device)
-    atomic = cfg.atomic_dq and not deterministic
+    fused = cfg.atomic_dq and not deterministic
     total = meta.total
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if total < rows:
@@ -535,21 +616,26 @@ def prefixlm_attention_bwd(dout, q, k, v, out, lse, meta, softmax_scale: float,
     if total == 0:
         return dq, dk, dv
 
+    # fp32 dQ scratch of the fused path: the sample rows only, zeroed by the delta kernel.
+    dq_acc = (torch.empty((total, num_heads, head_dim), device=q.device, dtype=torch.float32)
+              if fused else dq)
     delta = torch.empty((num_heads, rows), device=q.device, dtype=torch.float32)
     delta_block = 64
     _bwd_delta_kernel[(triton.cdiv(total, delta_block), num_heads)](
-        out, dout, delta, total, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
-        delta.stride(0), HEAD_DIM=head_dim, BLOCK=delta_block, num_warps=4)
+        out, dout, delta, dq_acc, total, out.stride(0), out.stride(1), dout.stride(0),
+        dout.stride(1), delta.stride(0), dq_acc.stride(0), dq_acc.stride(1), HEAD_DIM=head_dim,
+        BLOCK=delta_block, ZERO_DQ=fused, num_warps=4)
 
     _exact_delta_of_short_samples(delta, q, k, v, dout, meta, softmax_scale)
 
     prec = _dot_precision(q.dtype)
-    if atomic:
-        dq_acc = torch.zeros((rows, num_heads, head_dim), device=q.device, dtype=torch.float32)
-    else:
-        dq_acc = dq  # unused by the kernel when ATOMIC_DQ is off
+    # The interpreter (CPU tensors) has no descriptor reduce: pointer atomics there.
+    dq_tma = fused and cfg.dq_tma and q.is_cuda
+    use_tma = cfg.use_tma and tma_compatible(q) and tma_compatible(dout)
+    if dq_tma or use_tma:
+        _ensure_allocator()
     kv_tiles = _schedule(meta, cfg.kv_block_n, cfg.kv_block_m, True, q.device)
-    q_tiles = None if atomic else _schedule(meta, cfg.q_block_m, cfg.q_block_n, False, q.device)
+    q_tiles = None if fused else _schedule(meta, cfg.q_block_m, cfg.q_block_n, False, q.device)
 
     def launch_dkdv():
         _bwd_dkdv_kernel[(kv_tiles.shape[0] * num_kv_heads,)](
@@ -557,9 +643,10 @@ def prefixlm_attention_bwd(dout, q, k, v, out, lse, meta, softmax_scale: float,
             kv_tiles, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0),
             dv.stride(1), dq_acc.stride(0), dq_acc.stride(1), lse.stride(0),
-            softmax_scale * LOG2E, softmax_scale, num_kv_heads, group, HEAD_DIM=head_dim,
-            BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, ATOMIC_DQ=atomic, PREC=prec,
-            STAGES=cfg.kv_stages, num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
+            softmax_scale * LOG2E, softmax_scale, num_kv_heads, group, rows, dq_acc.shape[0],
+            HEAD_DIM=head_dim, BLOCK_M=cfg.kv_block_m, BLOCK_N=cfg.kv_block_n, FUSED_DQ=fused,
+            DQ_TMA=dq_tma, USE_TMA=use_tma, PREC=prec, STAGES=cfg.kv_stages,
+            num_warps=cfg.kv_warps, num_stages=cfg.kv_stages)
 
     def launch_dq():
         _bwd_dq_kernel[(q_tiles.shape[0] * num_heads,)](
@@ -570,12 +657,15 @@ def prefixlm_attention_bwd(dout, q, k, v, out, lse, meta, softmax_scale: float,
             BLOCK_M=cfg.q_block_m, BLOCK_N=cfg.q_block_n, PREC=prec, STAGES=cfg.q_stages,
             num_warps=cfg.q_warps, num_stages=cfg.q_stages)
 
-    if atomic:
+    if fused:
         launch_dkdv()
         n_cols = num_heads * head_dim
         cast_block = 4096
+        if dq.stride(0) != n_cols or dq.stride(1) != head_dim:  # empty_like keeps odd layouts
+            dq = torch.empty((rows, num_heads, head_dim), device=q.device, dtype=q.dtype)
+            dq[total:].zero_()
         _cast_rows_kernel[(triton.cdiv(total * n_cols, cast_block),)](
-            dq_acc, dq, total, n_cols, BLOCK=cast_block, num_warps=4)
+            dq_acc, dq, total, n_cols, softmax_scale, BLOCK=cast_block, num_warps=4)
     elif cfg.overlap_dq and q.is_cuda and not torch.cuda.is_current_stream_capturing():
         # The two kernels read the same inputs and write disjoint outputs; running dQ on a side
         # stream lets each fill the other's tail. The main stream waits for the side stream before

@@ -46,7 +46,9 @@ INTERP_CASES = {
     "random_fp16": ("random", 8, 2, 2, 32, "float16", 150, False),
 }
 EXTRA_CHECKS = ("deterministic_rerun", "atomic_dq_path", "tma_forward_path", "noncontiguous",
-                "fused_layout_nan_padding", "softmax_scale", "empty_batch", "opcheck")
+                "fused_layout_nan_padding", "softmax_scale", "empty_batch", "opcheck",
+                "fused_bwd_tma_loads_nan_padding", "two_kernel_bwd_tma_loads",
+                "fused_bwd_many_tiny", "fused_bwd_fp32")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,6 +130,43 @@ def _run_interpreted_checks():
     out0.sum().backward()
     _report("empty_batch", (out0 == 0).all().item() and (q0.grad == 0).all().item(), "")
 
+    # The fused backward (dK, dV and dQ from the key-major kernel; dQ by pointer atomics here,
+    # the interpreter has no descriptor reduce) with Q/dO tiles read through tensor descriptors:
+    # GQA 3:1 with NaN in the padding rows, which a descriptor reads past the last sample; then
+    # the deterministic two kernels with the same loads. Both by the accuracy rule.
+    key = (32, torch.float16, _arch_of_cpu())
+    base = kernels.bwd_config(32, torch.float16, torch.device("cpu"))
+    kernels._BWD_CONFIGS[key] = base._replace(use_tma=True)
+    try:
+        tma_case = make_case("edge_mix", SESSION_SEED + 17, num_q_heads=3, num_kv_heads=1,
+                             head_dim=32, dtype=torch.float16, max_len=130, nan_padding=True)
+        for name, det in (("fused_bwd_tma_loads_nan_padding", False),
+                          ("two_kernel_bwd_tma_loads", True)):
+            stats = check_backend("triton", tma_case, deterministic=det)
+            _report(name, all(s.ok for s in stats), [str(s) for s in stats])
+    finally:
+        del kernels._BWD_CONFIGS[key]
+
+    # The fused path on hundreds of 0..4-token samples: exact D on short rows, many dQ adds per
+    # row from tiles of one key each.
+    tiny = make_case("many_tiny", SESSION_SEED + 18, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                     dtype=torch.float16, max_len=4)
+    stats = check_backend("triton", tiny, deterministic=False)
+    _report("fused_bwd_many_tiny", all(s.ok for s in stats), [str(s) for s in stats])
+
+    # fp32 through the fused path against the fp64 oracle (absolute bound, as "noncontiguous").
+    f32 = make_case("long_among_short", SESSION_SEED + 19, num_q_heads=2, num_kv_heads=1,
+                    head_dim=32, dtype=torch.float32, max_len=150)
+    meta32 = BatchMeta.from_info(f32.info)
+    out32, lse32 = kernels.prefixlm_attention_fwd(f32.q, f32.k, f32.v, meta32, scale)
+    grads = kernels.prefixlm_attention_bwd(f32.dout, f32.q, f32.k, f32.v, out32, lse32, meta32,
+                                           scale, False)
+    leaves = [t.double().requires_grad_() for t in (f32.q, f32.k, f32.v)]
+    ref = reference_attention(*leaves, f32.info, scale, torch.float64)
+    want = torch.autograd.grad(ref, leaves, f32.dout.double())
+    err = max((g.double() - w).abs().max().item() for g, w in zip(grads, want))
+    _report("fused_bwd_fp32", err < 1e-4, f"max error {err:.3g}")
+
     # The custom op with this backend: schema, fake (shapes and strides of out and lse), autograd.
     from prefixlm.attention.op import attention_op
 
@@ -142,6 +181,13 @@ def _run_interpreted_checks():
         _report("opcheck", True, "")
     except Exception as exc:  # reported to the parent, which fails the test with the message
         _report("opcheck", False, f"{type(exc).__name__}: {exc}")
+
+
+def _arch_of_cpu():
+    """The device key the kernel's config tables use for CPU tensors."""
+    from prefixlm.attention.backends import triton_kernels as kernels
+
+    return kernels._arch(torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +307,38 @@ def test_gpu_deterministic_50_reruns():
         assert all(torch.equal(a, b) for a, b in zip(grads(), first))
 
 
+# The tensor-descriptor bulk reduce of the fused backward's dQ has no interpreter implementation
+# (triton 3.6: no descriptor reduce in the interpreter), so its checks run on the GPU only.
+TMA_REDUCE = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: the TMA dQ reduce-add (tensor descriptor atomic_add) of the fused "
+           "backward has no Triton-interpreter implementation; the CPU checks cover the same "
+           "kernel with pointer atomics")
+
+
+@TMA_REDUCE
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["edge_mix", "many_tiny", "all_zero_causal", "long_among_short"])
+@pytest.mark.parametrize("heads", [(6, 6), (6, 2)], ids=["mha", "gqa3"])
+@pytest.mark.parametrize("loads", ["pointers", "tma"])
+@pytest.mark.parametrize("dq_add", ["tma_reduce", "atomics"])
+def test_gpu_fused_backward_variants(kind, heads, loads, dq_add, monkeypatch):
+    """Every variant of the fused key-major backward (Q/dO loads by pointers or descriptors, dQ by
+    TMA reduce-add or pointer atomics) meets the rule with NaN padding, at head dim 128 in bf16,
+    whatever the tuned table picks."""
+    from prefixlm.attention.backends import triton_kernels as kernels
+
+    key = (128, torch.bfloat16, torch.cuda.get_device_capability())
+    cfg = kernels.bwd_config(128, torch.bfloat16, torch.device("cuda"))._replace(
+        atomic_dq=True, use_tma=loads == "tma", dq_tma=dq_add == "tma_reduce")
+    monkeypatch.setitem(kernels._BWD_CONFIGS, key, cfg)
+    case = make_case(kind, SESSION_SEED + 23, num_q_heads=heads[0], num_kv_heads=heads[1],
+                     head_dim=128, dtype=torch.bfloat16, device="cuda", nan_padding=True)
+    stats = check_backend("triton", case, deterministic=False)
+    assert all(s.ok for s in stats), f"PREFIXLM_TEST_SEED={SESSION_SEED} {cfg}\n" + "\n".join(
+        map(str, stats))
+
+
 if __name__ == "__main__" and "--interpreted" in sys.argv:
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1")
@@ -287,8 +365,9 @@ def test_sweep_script_parses_configs():
     fwd = sweep.parse_configs(sweep.DEFAULT_FWD, FwdConfig)
     assert fwd[0] == kernels._FWD_CONFIGS[key] == FwdConfig(128, 128, 8, 3, 3, True, False)
     assert sweep.parse_configs(sweep.DEFAULT_BWD, BwdConfig)[0] == kernels._BWD_CONFIGS[key]
-    bwd = sweep.parse_configs("64,64,8,2,128,64,8,3,0,1; ", BwdConfig)
-    assert bwd == [BwdConfig(64, 64, 8, 2, 128, 64, 8, 3, False, True)]
+    bwd = sweep.parse_configs("64,64,8,2,128,64,8,3,0,1,1,0; ", BwdConfig)
+    assert bwd == [BwdConfig(64, 64, 8, 2, 128, 64, 8, 3, False, True, True, False)]
     assert bwd[0].atomic_dq is False and bwd[0].overlap_dq is True
+    assert bwd[0].use_tma is True and bwd[0].dq_tma is False
     with pytest.raises(ValueError, match="kv_block_n"):
         sweep.parse_configs("1,2,3", BwdConfig)
