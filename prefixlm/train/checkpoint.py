@@ -37,7 +37,7 @@ from ..data.tokenizer import load_tokenizer
 from ..fsutil import fsync_dir, write_bytes
 from ..model import PrefixLM
 from .config import config_from_dict
-from .distributed import all_reduce, barrier
+from .distributed import all_reduce
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
            "CheckpointError", "load_model_weights", "resolve_checkpoint", "load_trained",
@@ -181,16 +181,11 @@ def remove_checkpoints(root: str | Path):
     remove_leftovers(root)
 
 
-def _checksum_share(tmp: Path, rank: int, world: int, local_error):
-    """This rank's part of the COMMIT: {file: crc} of the files it checksums, or its error."""
-    if local_error is not None:
-        return {"error": local_error}
-    try:
-        return {"crc32": {str(p.relative_to(tmp)): file_crc32(p) for p in sorted(tmp.rglob("*"))
-                          if p.is_file() and _hashed_by(str(p.relative_to(tmp)), world) == rank
-                          and p.name != COMMIT}}
-    except OSError as exc:
-        return {"error": exc}
+def _checksum_share(tmp: Path, rank: int, world: int) -> dict:
+    """{file: CRC-32} of the files under `tmp` that this rank checksums."""
+    names = (str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file())
+    return {name: file_crc32(tmp / name) for name in names
+            if name != COMMIT and _hashed_by(name, world) == rank}
 
 
 def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dict | None,
@@ -203,11 +198,18 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dic
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
     world = _world()
+    # A failure on one rank must not leave the others waiting in a collective: each phase
+    # records its error, the ranks exchange them, and all raise together.
+    setup_error = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(root)
-        tmp.mkdir()
-    barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(root)
+            tmp.mkdir()
+        except OSError as exc:
+            setup_error = exc
+    _raise_if_failed(setup_error, _all_gather({"error": setup_error and str(setup_error)}),
+                     tmp, rank)
     try:
         with warnings.catch_warnings():  # "assuming ... a single process" is what we mean
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -222,51 +224,67 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dic
         buffer = io.BytesIO()
         torch.save(local, buffer)
         write_bytes(tmp / f"rank{rank:05d}.pt", buffer.getvalue())
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 -- raised below, once every rank knows
         local_error = exc
-    barrier()
     if rank == 0 and local_error is None and write_extra is not None:
         try:
             write_extra(tmp)
+        except Exception as exc:  # noqa: BLE001
+            local_error = exc
+    crc = {}
+    if local_error is None:
+        try:
+            crc = _checksum_share(tmp, rank, world)
         except OSError as exc:
             local_error = exc
-    shares = _all_gather(_checksum_share(tmp, rank, world, local_error))
-    failed = [(r, share["error"]) for r, share in enumerate(shares) if "error" in share]
-    if failed:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        mine = dict(failed).get(rank)
-        if mine is not None:
-            raise _as_os_error(mine, tmp)
-        first_rank, first = failed[0]
-        raise OSError(getattr(first, "errno", None) or errno.EIO,
-                      f"rank {first_rank} could not write its part of the checkpoint ({first})",
-                      str(tmp))
+    shares = _all_gather({"crc32": crc, "error": None if local_error is None else str(local_error)})
+    _raise_if_failed(local_error, shares, tmp, rank)
+    commit_error = None
     if rank == 0:
         try:
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
-                     if p.is_file()}
-            crc = {name: value for share in shares for name, value in share["crc32"].items()}
-            write_bytes(tmp / COMMIT, json.dumps({"step": step, "world_size": world,
-                                                     "files": files, "crc32": crc}).encode())
-            fsync_dir(tmp)
+            _commit(tmp, final, step, world, {k: v for share in shares
+                                              for k, v in share["crc32"].items()})
+            for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+                _discard(old)
         except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise _as_os_error(exc, tmp) from None
-        # A re-save of the same step (a resumed run ending there): the old one moves out of the
-        # way in one rename, the new one moves in with the next.
-        displaced = final.with_name(f".deleting-{final.name}") if final.exists() else None
-        if displaced is not None:
-            shutil.rmtree(displaced, ignore_errors=True)
-            final.rename(displaced)
-        tmp.rename(final)
-        fsync_dir(root)
-        if displaced is not None:
-            shutil.rmtree(displaced, ignore_errors=True)
-        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            _discard(old)
-    barrier()
+            commit_error = exc
+    _raise_if_failed(commit_error, _all_gather({"error": commit_error and str(commit_error)}),
+                     tmp, rank)
     return final
+
+
+def _raise_if_failed(error, shares: list[dict], tmp: Path, rank: int):
+    """Raise on every rank if any rank failed: its own error where it has one, else an OSError
+    naming the first failed rank. Rank 0 removes the temporary folder (it holds the space)."""
+    failed = [(r, share["error"]) for r, share in enumerate(shares) if share["error"]]
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is not None:
+        raise _as_os_error(error, tmp)
+    first_rank, message = failed[0]
+    raise OSError(errno.EIO, f"rank {first_rank} could not save its part of the checkpoint "
+                             f"({message})", str(tmp))
+
+
+def _commit(tmp: Path, final: Path, step: int, world: int, crc: dict):
+    """Write COMMIT (every file's size and CRC-32) and rename `tmp` to `final`."""
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+             if p.is_file()}
+    write_bytes(tmp / COMMIT, json.dumps({"step": step, "world_size": world, "files": files,
+                                             "crc32": crc}).encode())
+    fsync_dir(tmp)
+    # A re-save of the same step (a resumed run ending there): the old one moves out of the way
+    # in one rename, the new one moves in with the next.
+    displaced = final.with_name(f".deleting-{final.name}") if final.exists() else None
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
+        final.rename(displaced)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
 
 
 def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
