@@ -1,6 +1,7 @@
 """`prefixlm bench train`: training throughput of the whole stack per attention backend.
 
-For each architecture (`transformer`; `hrm` with H_cycles 2, L_cycles 3) and each attention backend,
+For each architecture (`transformer`; `hrm` with H_cycles 2, L_cycles 3, past its bp warm-up:
+bp_steps = 5 of its 8 stack calls differentiated) and each attention backend,
 a fresh `Trainer` (same seed, same config except `attention_backend`) takes `warmup` optimizer
 steps, untimed (torch.compile, Triton autotuning, cuDNN graph building), then `steps` timed ones. A
 step is the Trainer's own `train_step`: forward under bf16 autocast (CUDA), loss, backward, clip,
@@ -19,10 +20,10 @@ with T = real tokens of the batch (padding excluded) and, per sample, pairs = p*
 
     FLOPs = 3 * 2 * R * N_head + sum over block calls of m * (2 * T * N_block + 4 * Hq * D * pairs)
 
-N_block = parameters of a block's matrices (qkvg without its padding columns, out, gate_up, down),
+N_block = parameters of a block's matrices (gqkv_proj, o_proj, gate_up_proj, down_proj),
 N_head = vocab * hidden (LM head), R = supervised rows (the only ones the head runs on), Hq * D =
 query heads x head dim, m = 3 for a call under autograd (forward + backward = 3x the forward) and
-m = 1 for a call without (HRM's first H_cycles - grad_cycles cycles). A transformer is thus
+m = 1 for a call without (HRM's stack calls outside its bp_steps). A transformer is thus
 6 * (T * layers * N_block + R * N_head) + 12 * layers * Hq * D * pairs. MFU = FLOPs / step time /
 peak, with peak = 989e12 (H100/H200 dense bf16) per GPU unless --peak-tflops says otherwise.
 Reported per (arch, backend): real tokens/s (per GPU and over all GPUs), median and mean step time,
@@ -46,6 +47,10 @@ import torch
 
 from ..attention import SeqInfo, prefixlm_attention
 from ..attention.backends import cudnn as cudnn_backend
+from ..data.loader import IGNORE_INDEX
+from ..extras import require
+from ..model import PrefixLM
+from ..model.config import bp_steps_at
 from ..model.flops import step_flops, useful_pairs
 from ..train.config import load_config
 from ..train.distributed import all_reduce, setup
@@ -53,11 +58,20 @@ from ..train.trainer import Trainer, release_memory
 from .profile import profile_steps, summary_line
 from .spec import SpecLoader, package_version
 
-__all__ = ["fa3_unavailable_reason", "run_train_bench", "bench_config", "DEFAULT_BACKENDS", "ARCHS"]
+__all__ = ["fa3_unavailable_reason", "run_train_bench", "bench_config", "padded_hf_batch",
+           "DEFAULT_BACKENDS", "ARCHS", "HF_METHODS"]
+
+# transformers' HrmTextForCausalLM on the same model and batches, eager, AdamW without EMA:
+# "hf_padded" pads every sample to the batch's longest with SDPA and the PrefixLM mask transformers
+# builds from token_type_ids (what its own path can train correctly); "hf_packed" runs the packed
+# batch through prefixlm's registered attention (`import prefixlm.hf`, backend auto).
+HF_METHODS = ("hf_padded", "hf_packed")
 
 DEFAULT_BACKENDS = ("triton", "cudnn_flex", "cudnn", "flex", "sdpa", "fa3")  # fa3 only where its backward runs
 ARCHS = ("transformer", "hrm")
-HRM_OVERRIDES = ["model.arch=hrm", "model.H_cycles=2", "model.L_cycles=3"]
+# bp_warmup_ratio 0: every step at bp_max_steps, the state of (almost) all of a real run.
+HRM_OVERRIDES = ["model.arch=hrm", "model.H_cycles=2", "model.L_cycles=3",
+                 "model.bp_warmup_ratio=0"]
 PEAK_TFLOPS = 989.0
 
 
@@ -133,7 +147,7 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
             losses.append(stats["loss"])
             tokens += batch.info.total
             flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info),
-                                len(batch.supervised_rows))
+                                len(batch.supervised_rows), stats["bp_steps"])
         elapsed = sum(times)
         peak_mem = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
                     else None)
@@ -165,6 +179,106 @@ def _run_one(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float,
     finally:
         trainer.close()
         trainer = None  # the model and optimizer go before the allocator's cache is emptied
+        release_memory(device)
+
+
+def padded_hf_batch(batch) -> dict:
+    """Keyword arguments of `HrmTextForCausalLM.forward` for the samples of a packed `Batch`, one
+    per row, padded to the longest: input_ids, attention_mask, token_type_ids (1 on the prefix),
+    position_ids and aligned shift_labels ("labels" switches the loss on)."""
+    info = batch.info
+    prefix, causal = info.prefix_host(), info.causal_host()
+    lens = prefix + causal
+    width = int(lens.max())
+    starts = torch.as_tensor(lens).cumsum(0) - torch.as_tensor(lens)
+    pos = torch.arange(width)
+    real = pos[None, :] < torch.as_tensor(lens)[:, None]
+    gather = (starts[:, None] + pos[None, :]).clamp(max=info.total - 1).to(batch.inputs.device)
+    real = real.to(batch.inputs.device)
+    ids = torch.where(real, batch.inputs[gather], 0)
+    labels = torch.where(real, batch.labels[gather], IGNORE_INDEX)
+    prefix_mask = (pos[None, :] < torch.as_tensor(prefix)[:, None]).to(real.device)
+    return {"input_ids": ids, "attention_mask": real.long(), "token_type_ids": prefix_mask.long(),
+            "position_ids": pos[None, :].expand_as(ids).to(ids.device), "labels": labels,
+            "shift_labels": labels, "use_cache": False}
+
+
+def _hf_model(cfg, device, method: str):
+    """transformers' HrmTextForCausalLM with the weights `PrefixLM(cfg.model)` starts from."""
+    transformers = require("transformers", "hf", "the transformers baseline of bench train")
+    from ..hf import save_pretrained  # registers attn_implementation="prefixlm"
+
+    torch.manual_seed(cfg.seed)
+    ours = PrefixLM(cfg.model)
+    with tempfile.TemporaryDirectory(prefix="prefixlm-bench-hf-") as tmp:
+        save_pretrained(ours, f"{tmp}/model")
+        attn = "sdpa" if method == "hf_padded" else "prefixlm"
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            f"{tmp}/model", attn_implementation=attn, dtype=torch.float32)
+    return model.to(device).train()
+
+
+def _run_hf(cfg, dist, loader_kwargs, steps: int, warmup: int, peak: float, method: str) -> dict:
+    """`_run_one` for transformers' model: the same batches, AdamW with the run's settings, the
+    gradient clipped, bf16 autocast on CUDA; no EMA, no compile (as a user runs it)."""
+    if dist.distributed:
+        raise NotImplementedError("the transformers baselines run on one GPU")
+    device = dist.device
+    loader = SpecLoader(cfg.capacity, cfg.model.vocab_size, device=device, **loader_kwargs)
+    batches = [loader.batch(i) for i in range(warmup + steps)]
+    model = _hf_model(cfg, device, method)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+
+    def step(batch) -> float:
+        if method == "hf_padded":
+            kwargs = padded_hf_batch(batch)
+        else:
+            kwargs = {"input_ids": batch.inputs[None], "position_ids": batch.position_ids[None],
+                      "prefixlm_info": batch.info, "labels": batch.labels[None],
+                      "shift_labels": batch.labels[None], "use_cache": False}
+        with autocast:
+            loss = model(**kwargs).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        for batch in batches[:warmup]:
+            step(batch)
+        _sync(device)
+        warmup_s = time.perf_counter() - started
+        bp = bp_steps_at(cfg.model, cfg.steps, cfg.steps)  # past the warm-up, as HRM_OVERRIDES
+        times, losses, tokens, flops = [], [], 0, 0.0
+        for batch in batches[warmup:]:
+            start = time.perf_counter()
+            losses.append(step(batch))
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            tokens += batch.info.total
+            flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info),
+                                len(batch.supervised_rows), bp)
+        elapsed = sum(times)
+        return dict(
+            params=sum(p.numel() for p in model.parameters()),
+            tokens_per_step=tokens / steps, step_ms_median=statistics.median(times) * 1e3,
+            step_ms_mean=elapsed / steps * 1e3, tokens_per_s=tokens / elapsed,
+            tokens_per_s_per_gpu=tokens / elapsed, tflops_per_gpu=flops / elapsed / 1e12,
+            mfu=flops / elapsed / peak,
+            peak_mem_gib=(torch.cuda.max_memory_allocated(device) / 2**30
+                          if device.type == "cuda" else None),
+            warmup_s=warmup_s, loss_first=losses[0], loss_last=losses[-1],
+            graphs_compiled_during_timing=0)
+    finally:
+        model = optimizer = None
         release_memory(device)
 
 
@@ -226,8 +340,9 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
             if backend == "fa3" and fa3_reason:
                 rec["error"] = f"skipped: {fa3_reason}"
             else:
-                cfg = bench_config(preset, capacity, vocab, compile_, dist.device.type, arch, backend,
-                              list(overrides), run_dir)
+                cfg = bench_config(preset, capacity, vocab, compile_, dist.device.type, arch,
+                                   "auto" if backend in HF_METHODS else backend, list(overrides),
+                                   run_dir)
                 if compile_:
                     torch._dynamo.reset()  # every backend compiles afresh, under the same limits
                 trace = None
@@ -236,8 +351,12 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
                     trace = os.path.join(trace_dir,
                                          f"{arch}_{backend}_rank{dist.rank}.json.gz")
                 try:
-                    rec.update(_run_one(cfg, dist, loader_kwargs, steps, warmup,
-                                        peak_tflops * 1e12, profile, trace))
+                    if backend in HF_METHODS:
+                        rec.update(_run_hf(cfg, dist, loader_kwargs, steps, warmup,
+                                           peak_tflops * 1e12, backend))
+                    else:
+                        rec.update(_run_one(cfg, dist, loader_kwargs, steps, warmup,
+                                            peak_tflops * 1e12, profile, trace))
                 except Exception as exc:  # report and go on: one backend must not hide the rest
                     rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
                 # Out of the except block: its traceback no longer holds the failed run's tensors.
@@ -257,18 +376,21 @@ def run_train_bench(*, preset: str = "L", capacity: int = 16384, steps: int = 20
 
 
 def _add_ratios(records):
-    flex = {r["arch"]: r.get("tokens_per_s") for r in records
-            if r["backend"] == "flex" and not r["error"]}
-    for r in records:
-        base = flex.get(r["arch"])
-        r["vs_flex"] = (r["tokens_per_s"] / base if base and not r["error"] else None)
+    """tokens/s relative to Flex and to transformers' padded baseline of the same arch."""
+    for reference in ("flex", "hf_padded"):
+        base = {r["arch"]: r.get("tokens_per_s") for r in records
+                if r["backend"] == reference and not r["error"]}
+        for r in records:
+            value = base.get(r["arch"])
+            r[f"vs_{reference}"] = (r["tokens_per_s"] / value if value and not r["error"]
+                                    else None)
 
 
 def _line(r) -> str:
     if r["error"]:
-        return f"  {r['arch']:<11} {r['backend']:<7} n/a ({r['error']})"
+        return f"  {r['arch']:<11} {r['backend']:<9} n/a ({r['error']})"
     mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else "n/a"
-    return (f"  {r['arch']:<11} {r['backend']:<7} {r['tokens_per_s_per_gpu']:>10.0f} tok/s/GPU  "
+    return (f"  {r['arch']:<11} {r['backend']:<9} {r['tokens_per_s_per_gpu']:>10.0f} tok/s/GPU  "
             f"{r['step_ms_median']:8.1f} ms/step  MFU {100 * r['mfu']:5.1f}%  {mem}  "
             f"(warm-up {r['warmup_s']:.0f} s, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, "
             f"recompiles {r['graphs_compiled_during_timing']})")
@@ -280,15 +402,17 @@ def _fmt(value, spec, scale=1.0):
 
 def _table(records) -> str:
     rows = ["", "| arch | backend | tokens/s per GPU | step ms (median) | TFLOP/s per GPU | MFU | "
-                "peak mem GiB | vs flex |", "|---|---|---|---|---|---|---|---|"]
+                "peak mem GiB | vs flex | vs hf_padded |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r["error"]:
-            rows.append(f"| {r['arch']} | {r['backend']} | n/a | n/a | n/a | n/a | n/a | n/a |")
+            rows.append(f"| {r['arch']} | {r['backend']} | n/a | n/a | n/a | n/a | n/a | n/a | "
+                        f"n/a |")
             continue
+        ratios = " | ".join(f"{_fmt(r[key], '.2f')}{'x' if r[key] else ''}"
+                            for key in ("vs_flex", "vs_hf_padded"))
         rows.append(f"| {r['arch']} | {r['backend']} | {r['tokens_per_s_per_gpu']:.0f} | "
                     f"{r['step_ms_median']:.1f} | {r['tflops_per_gpu']:.0f} | "
-                    f"{100 * r['mfu']:.1f}% | {_fmt(r['peak_mem_gib'], '.1f')} | "
-                    f"{_fmt(r['vs_flex'], '.2f')}{'x' if r['vs_flex'] else ''} |")
+                    f"{100 * r['mfu']:.1f}% | {_fmt(r['peak_mem_gib'], '.1f')} | {ratios} |")
     return "\n".join(rows)
 
 

@@ -44,6 +44,8 @@ def _generate(args) -> int:
     model, cfg, tokenizer, ckpt = load_trained(args.checkpoint, use_ema=not args.no_ema,
                                                device=_device(args.device),
                                                backend=args.attention_backend)
+    if tokenizer is None:
+        raise ValueError(f"{ckpt} has no tokenizer.json: generate needs one to render prompts")
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += [line.rstrip("\n") for line in open(args.prompts_file) if line.strip()]
@@ -59,8 +61,10 @@ def _generate(args) -> int:
 
 def _eval(args) -> int:
     import json
+    import tempfile
 
     from ..data.dataset import V1Dataset
+    from ..model.hrm_text import is_hrm_text_dir
     from ..train.checkpoint import load_trained
     from ..train.distributed import setup
     from ..train.run import eval_batches_from, prepared_dataset, run_eval_source
@@ -71,26 +75,39 @@ def _eval(args) -> int:
     if args.capacity < 0:
         raise ValueError(f"--capacity must be >= 0 (0: the run's), got {args.capacity}")
     dist = setup(_device(args.device))
+    hf_dir = is_hrm_text_dir(args.checkpoint)
     model, cfg, tokenizer, ckpt = load_trained(args.checkpoint, use_ema=not args.no_ema,
                                                device=dist.device, backend=args.attention_backend)
     data = args.data
     if data is None:
-        data = run_eval_source(cfg, ckpt.parent.parent)
+        data = None if hf_dir else run_eval_source(cfg, ckpt.parent.parent)
         if data is None:
             raise ValueError(f"no held-out data recorded for {ckpt}; pass --data FILE.jsonl|DIR")
     path = Path(data)
+    scratch = None
     if path.is_file():
-        if args.data is not None or not cfg.tokenizer == "byte":
-            # The checkpoint's own copy: the original tokenizer path may have moved since.
-            cfg.tokenizer = str(ckpt / "tokenizer")
-        work_dir = Path(args.work_dir) if args.work_dir else ckpt.parent.parent / "data"
-        path = prepared_dataset(path, work_dir, cfg, dist, f"eval-{path.stem}")
+        if tokenizer is None:
+            raise ValueError(f"{ckpt} has no tokenizer.json to prepare {path} with; pass a "
+                             f"prepared dataset directory as --data")
+        if args.work_dir:
+            work_dir = Path(args.work_dir)
+        elif hf_dir:  # nothing of a run to keep it in
+            work_dir = Path(scratch := tempfile.mkdtemp(prefix="prefixlm-eval-"))
+        else:
+            work_dir = ckpt.parent.parent / "data"
+        # The checkpoint's own tokenizer: the original tokenizer path may have moved since.
+        path = prepared_dataset(path, work_dir, cfg, dist, f"eval-{path.stem}", tokenizer)
     dataset = V1Dataset(str(path))
     if args.capacity:
         cfg.capacity = args.capacity
         cfg.validate()
     result = evaluate(model, eval_batches_from(dataset, cfg, dist.device, args.max_samples)(), cfg,
                       dist.device)
+    if scratch is not None:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+        path = Path(data)
     result["checkpoint"] = str(ckpt)
     result["data"] = str(path)
     if args.json:
@@ -102,13 +119,66 @@ def _eval(args) -> int:
     return 0
 
 
+def _heldout_samples(cfg, ckpt: Path, tokenizer, count: int, hf_dir: bool):
+    """Up to `count` (prefix ids, response ids) for `export --verify`, and where they come from:
+    the run's held-out data, else synthetic task samples (random ids without a tokenizer)."""
+    import torch
+
+    from ..data.dataset import V1Dataset
+    from ..data.rows import parse_row
+    from ..data.synthetic import make_samples
+    from ..train.run import run_eval_source
+
+    source = None if hf_dir else run_eval_source(cfg, ckpt.parent.parent)
+    if source is not None and Path(source).is_dir():
+        dataset = V1Dataset(source)
+        count = min(count, len(dataset.epoch(0).inst_len))
+        return [tuple(map(list, dataset.sample(0, i))) for i in range(count)], source
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, cfg.model.vocab_size, (count, 16), generator=g).tolist()
+        return [(row[:8], row[8:]) for row in ids], "random token ids"
+    rows = []
+    if source is not None:
+        with open(source, "rb") as f:
+            for line in f:
+                if len(rows) == count:
+                    break
+                try:
+                    rows.append(parse_row(line, tokenizer.conditions)[:3])
+                except ValueError:
+                    continue
+    else:
+        source = "synthetic task samples"
+        rows = [(s["instruction"], s["response"], None) for s in make_samples(count, seed=1)]
+    return [(tokenizer.encode_prefix(instruction, condition), tokenizer.encode_response(response))
+            for instruction, response, condition in rows], source
+
+
 def _export(args) -> int:
-    from ..hf.export import export_model
+    from ..hf import save_pretrained, verify_export
+    from ..model import hrm_text
     from ..train.checkpoint import load_trained
 
+    hf_dir = hrm_text.is_hrm_text_dir(args.checkpoint)
     model, cfg, tokenizer, ckpt = load_trained(args.checkpoint, use_ema=not args.no_ema)
-    out = export_model(model, tokenizer, args.out, overwrite=args.overwrite, source=str(ckpt))
-    print(f"exported {ckpt} to {out} (model.safetensors, config.json, tokenizer.json, README.md)")
+    # HRM-Text's context: the dataset's max_seq_len - 1 (context_size counts one more token).
+    context = (hrm_text.read_config(ckpt).get("max_position_embeddings", 4096) if hf_dir
+               else cfg.context_size - 1)
+    out = save_pretrained(model, args.out, tokenizer, dtype=args.dtype,
+                             max_position_embeddings=context, overwrite=args.overwrite)
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"exported {ckpt} to {out} (hrm_text: {files})")
+    if args.verify:
+        samples, where = _heldout_samples(cfg, ckpt, tokenizer, args.verify_samples, hf_dir)
+        result = verify_export(out, samples, source=model)
+        print(f"verify: transformers vs prefixlm on {result['samples']} samples ({where}): max "
+              f"|logit difference| {result['max_abs_diff']:.3g} (logits up to "
+              f"{result['logit_scale']:.3g}); exported vs checkpoint weights "
+              f"({args.dtype}): {result['source_max_abs_diff']:.3g}")
+        if result["max_abs_diff"] > 1e-4 * max(1.0, result["logit_scale"]):
+            raise ValueError(f"verify failed: transformers' logits of {out} differ from "
+                             f"prefixlm's by {result['max_abs_diff']:.3g}")
     return 0
 
 
@@ -117,7 +187,8 @@ def _loading_arguments(parser, device: bool = True) -> None:
     from ..attention.registry import backend_names
 
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="run directory or checkpoint directory")
+                        help="run directory, checkpoint directory or hrm_text (Hugging Face) "
+                             "directory")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     if device:
         parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
@@ -141,9 +212,9 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete run_dir's checkpoints and logs and start over")
     p.add_argument("--new-schedule", action="store_true",
-                   help="with --resume: continue on the learning-rate schedule of the new "
-                        "settings (steps, warmup_steps, lr, min_lr_ratio) instead of refusing "
-                        "to change it")
+                   help="with --resume: continue on the schedule of the new settings (steps, "
+                        "warmup_steps, lr, min_lr_ratio, model.bp_*) instead of refusing to "
+                        "change it")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every key) as YAML and exit")
     p.set_defaults(func=_train)
@@ -171,8 +242,19 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_eval)
 
-    p = subparsers.add_parser("export", help="safetensors + config.json + tokenizer")
+    p = subparsers.add_parser(
+        "export", help="write a checkpoint as a Hugging Face hrm_text directory",
+        description="Write the model as transformers' hrm_text (config.json, model.safetensors, "
+                    "generation_config.json) with its tokenizer (tokenizer.json, "
+                    "tokenizer_config.json, tokenizer_info.json): AutoModelForCausalLM, "
+                    "AutoTokenizer and vLLM load it. Needs the [hf] extra.")
     _loading_arguments(p, device=False)
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the saved weights (default: float32, as trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--verify", action="store_true",
+                   help="reload the export in transformers and compare its logits with "
+                        "prefixlm's on held-out samples")
+    p.add_argument("--verify-samples", type=int, default=8, metavar="N")
     p.set_defaults(func=_export)

@@ -25,7 +25,7 @@ import torch
 from ..attention import SeqInfo
 from ..devices import to_device
 from .dataset import EpochIndex, V1Dataset
-from .sampler import MultipackSampler, PackPlan
+from .sampler import PLANNER_VERSION, MultipackSampler, PackPlan
 
 __all__ = ["Batch", "PackedLoader", "assemble_batch", "batch_on_device", "supervised_rows",
            "IGNORE_INDEX"]
@@ -185,10 +185,11 @@ class PackedLoader:
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "step": self._step, "seed": self.seed,
                 "world_size": self.world_size, "rank": self.rank, "capacity": self.capacity,
-                "num_samples": len(self.dataset.epoch(0))}
+                "num_samples": len(self.dataset.epoch(0)), "planner": PLANNER_VERSION}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "capacity", "num_samples"):
+        state = {"planner": 1, **state}  # states without the key came from the first planner
+        for key in ("seed", "world_size", "capacity", "num_samples", "planner"):
             mine = self.state_dict()[key]
             if key in state and state[key] != mine:
                 raise ValueError(f"loader state has {key} = {state[key]!r} but this loader has "

@@ -1,9 +1,12 @@
 """Generation: prefill the instruction bidirectionally, then decode the response with a KV cache.
 
 The cache keeps the keys and values of every attention *call* in call order, not per layer, so
-HRM's recurrence (each block called several times per forward) caches each call separately. The
-causal state of a token never depends on later tokens, so cached keys stay valid as tokens are
-added.
+HRM's recurrence (each block called several times per forward) caches each call separately: entry
+(h * (L_cycles + 1) + l) * layers_per_stack + layer for layer `layer` of the l-th stack call of
+H cycle h (l = L_cycles: the H call), which is transformers' `hrm_text` cache slot and HRM-Text's
+per-stack-call cache. As in HRM-Text's engine and vLLM the whole prompt is the bidirectional
+prefix. The causal state of a token never depends on later tokens, so cached keys stay valid as
+tokens are added.
 """
 
 from __future__ import annotations

@@ -1,7 +1,15 @@
-"""Building blocks of the decoder: RMSNorm, fp32 RoPE, gated attention, SwiGLU, a pre-norm block.
+"""HRM-Text's building blocks: weightless RMSNorm, RoPE, gated attention, SwiGLU, a block, a stack.
 
-Everything works on packed rows: activations are (T, hidden), one row per token of the batch, and
-the batch's layout lives in a `SeqInfo`.
+    rms(x)    = x / sqrt(mean(x^2) + eps)                          (no weight anywhere)
+    block(x)  = x + attn(rms(x)), then + mlp(rms(x))               (pre-norm)
+    stack(x)  = rms(block_{n-1}(... block_0(x)))                   (a norm ends every stack call)
+    attn(h)   = o_proj( sigmoid(gate) * attention(rope(q), rope(k), v) ),
+                gate | q | k | v = heads of gqkv_proj(h) in that order (elementwise gate)
+    mlp(h)    = down_proj( silu(gate) * up ),  gate | up = gate_up_proj(h)
+
+Parameter names are `hrm_text`'s on-disk names (`attn.gqkv_proj`, `mlp.gate_up_proj`, ...), so a
+state_dict is the layout transformers and vLLM load. Everything works on packed rows: activations
+are (T, hidden), one row per token, and the batch's layout lives in a `SeqInfo`.
 """
 
 from __future__ import annotations
@@ -19,31 +27,28 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in fp32: bf16's 8 mantissa bits are not enough for the mean of squares.
-        xf = _wide(x)
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.to(xf.dtype)).to(x.dtype)
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weightless RMSNorm; statistics in fp32 (bf16's 8 mantissa bits are not enough for the mean
+    of squares), as transformers' `hrm_text` computes it."""
+    xf = _wide(x)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin of shape (T, 1, head_dim // 2) in fp32 for per-sample positions."""
+    """cos, sin of shape (T, 1, head_dim // 2) in fp32 for per-sample positions.
+
+    The angles are position * inv_freq in fp32, as HRM-Text and transformers compute them: a
+    checkpoint was trained with exactly these tables, so a more exact angle would be a different
+    function."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
                                             dtype=torch.float32) / head_dim)
-    angles = position_ids.double()[:, None] * inv_freq.double()[None, :]
-    # Angles in fp64 then cos/sin to fp32: position * frequency needs more than 24 bits at long
-    # context (fp32 angle error ~ position * 2^-24 rad).
-    return angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]
+    angles = position_ids.float()[:, None] * inv_freq[None, :]
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :D/2], x[..., D/2:]) in fp32; positions past 2^11 lose bits in bf16."""
+    """Rotate-half RoPE over all head dims (pairs x[..., i], x[..., i + D/2]) in fp32, cast back:
+    positions past 2^11 lose bits in bf16."""
     half = x.shape[-1] // 2
     xf = _wide(x)
     cos, sin = cos.to(xf.dtype), sin.to(xf.dtype)
@@ -52,62 +57,71 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Self-attention with one fused projection to q, k, v and a per-head output gate.
+    """Gated self-attention with one fused projection to gate, q, k and v heads.
 
-    out = W_o · concat_h( sigmoid(g_h) * attn_h ), with g_h a scalar per token and head (gated
-    attention: lets a head switch itself off instead of parking mass on a sink token).
+    Every output of `gqkv_proj` is head_dim wide, so each view (gate, q, k, v) starts on a
+    head_dim boundary and has rows of (2*heads + 2*kv_heads) * head_dim elements: 16-byte aligned,
+    as the attention kernels' vector loads want, whenever head_dim * element size is a multiple of
+    16 bytes (head_dim % 8 == 0 in bf16, every preset's 128 included).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.num_kv_heads, cfg.head_dim
+        self.heads, self.kv_heads, self.head_dim = cfg.heads, cfg.num_kv_heads, cfg.attn_head_dim
         self.backend = "auto"  # a run-time choice, set by `PrefixLM.attention_backend`
-        q_dim, kv_dim = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        # The projection's width is rounded up to 8 columns so that the q/k/v views keep rows of
-        # a multiple of 16 bytes (bf16): the attention kernels' vector loads and tensor
-        # descriptors need that. The few extra columns are never read (their weights get no
-        # gradient); one fused projection launches fewer kernels than a separate gate.
-        used = q_dim + 2 * kv_dim + self.heads
-        self.split = (q_dim, kv_dim, kv_dim, self.heads, -used % 8)
-        self.qkvg = nn.Linear(cfg.hidden, used + self.split[-1], bias=False)
-        self.out = nn.Linear(q_dim, cfg.hidden, bias=False)
+        self.split = (self.heads, self.heads, self.kv_heads, self.kv_heads)
+        self.gqkv_proj = nn.Linear(cfg.hidden, sum(self.split) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden, bias=False)
 
     def forward(self, x, rope, info: SeqInfo, cache=None):
         rows = x.shape[0]
-        q, k, v, gate, _unused = self.qkvg(x).split(self.split, dim=-1)
-        q = apply_rope(q.view(rows, self.heads, self.head_dim), *rope)
-        k = apply_rope(k.view(rows, self.kv_heads, self.head_dim), *rope)
-        v = v.view(rows, self.kv_heads, self.head_dim)
+        gqkv = self.gqkv_proj(x).view(rows, sum(self.split), self.head_dim)
+        gate, q, k, v = gqkv.split(self.split, dim=1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             attn = prefixlm_attention(q, k, v, info, backend=self.backend)
         else:
             attn = cache.attend(q, k, v, info, self.backend)
-        attn = attn * torch.sigmoid(_wide(gate)).to(attn.dtype)[..., None]
-        return self.out(attn.reshape(rows, -1))
+        attn = attn * torch.sigmoid(_wide(gate)).to(attn.dtype)
+        return self.o_proj(attn.reshape(rows, -1))
 
 
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ffn = cfg.ffn_dim
-        self.gate_up = nn.Linear(cfg.hidden, 2 * self.ffn, bias=False)
-        self.down = nn.Linear(self.ffn, cfg.hidden, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden, 2 * self.ffn, bias=False)
+        self.down_proj = nn.Linear(self.ffn, cfg.hidden, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).split(self.ffn, dim=-1)
-        return self.down(F.silu(gate) * up)
+        gate, up = self.gate_up_proj(x).split(self.ffn, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(rms(x)), then + mlp(rms(x))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.eps = cfg.norm_eps
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x, rope, info, cache=None):
-        x = x + self.attn(self.attn_norm(x), rope, info, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn(rms_norm(x, self.eps), rope, info, cache)
+        return x + self.mlp(rms_norm(x, self.eps))
+
+
+class Stack(nn.Module):
+    """`layers` blocks and a weightless final norm (HRM-Text's `Transformer`, `hrm_text`'s
+    `HrmTextStack`)."""
+
+    def __init__(self, cfg: ModelConfig, layers: int):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(layers))
+
+    def forward(self, x, rope, info, cache=None):
+        for block in self.layers:
+            x = block(x, rope, info, cache)
+        return rms_norm(x, self.eps)

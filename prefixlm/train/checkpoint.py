@@ -35,14 +35,14 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..data.tokenizer import load_tokenizer
 from ..fsutil import fsync_dir, write_bytes
-from ..model import PrefixLM
-from .config import config_from_dict
+from ..model import PrefixLM, hrm_text
+from .config import TrainConfig, config_from_dict
 from .distributed import all_reduce
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
            "CheckpointError", "load_model_weights", "resolve_checkpoint", "load_trained",
-           "verify", "file_crc32", "fill_optimizer_state", "remove_leftovers",
-           "remove_checkpoints"]
+           "checkpoint_config", "checkpoint_tokenizer", "verify", "file_crc32",
+           "fill_optimizer_state", "remove_leftovers", "remove_checkpoints"]
 
 COMMIT = "COMMIT"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -50,6 +50,11 @@ _NAME = re.compile(r"^step_(\d+)$")
 _LEFTOVER_PREFIXES = (".tmp-step_", ".deleting-")
 # DCP's shard files are named __<rank>_<n>.distcp; ours rank<rank>.pt.
 _RANK_OF_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|rank(\d+)\.pt)$")
+# Model config keys and weight names only prefixlm's architecture before the HRM-Text model had.
+_OLD_CONFIG_KEYS = ("tie_embeddings", "init_std", "grad_cycles", "H_layers", "L_layers")
+_OLD_WEIGHT = "model.embed.weight"
+OLD_ARCHITECTURE = ("it was written by prefixlm's architecture from before the HRM-Text model, "
+                    "whose weights do not load into this one (README, Training); train it again")
 
 
 class CheckpointError(ValueError):
@@ -296,12 +301,15 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
         return "no COMMIT marker (the save did not finish)"
     try:
         commit = json.loads(marker.read_text())
-        files, crc = commit["files"], commit["crc32"]
-        if not isinstance(files, dict) or not isinstance(crc, dict):
+        files, crc = commit["files"], commit.get("crc32")
+        if not isinstance(files, dict) or not isinstance(crc, (dict, type(None))):
             raise TypeError
-    except (ValueError, KeyError, TypeError, OSError):
-        return ("COMMIT marker is unreadable or has no checksums (written by an older prefixlm, "
-                "or damaged)")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return "COMMIT marker is unreadable"
+    if crc is None:
+        return ("its COMMIT has no checksums: it was written by an older prefixlm, from before "
+                "the HRM-Text model and checksummed checkpoints (README, Training); train it "
+                "again")
     for name, size in files.items():
         f = path / name
         if name not in crc:
@@ -344,7 +352,28 @@ def _warn(msg: str):
     print(f"prefixlm: warning: {msg}", file=sys.stderr)
 
 
+def _check_layout(path: Path, model) -> None:
+    """CheckpointError naming the first weight of `model` that the checkpoint lacks or holds in
+    another shape (DCP's own errors name neither), or saying it is of the old architecture."""
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 -- an unreadable checkpoint is reported by the load itself
+        return
+    if _OLD_WEIGHT in saved:
+        raise CheckpointError(f"checkpoint {path}: {OLD_ARCHITECTURE}")
+    for name, tensor in model.state_dict().items():
+        entry = saved.get(f"model.{name}")
+        if entry is None:
+            raise CheckpointError(f"checkpoint {path} has no weight {name} "
+                                  f"{tuple(tensor.shape)}: it holds another model")
+        size = getattr(entry, "size", None)
+        if size is not None and tuple(size) != tuple(tensor.shape):
+            raise CheckpointError(f"checkpoint {path}: weight {name} has shape {tuple(size)}, "
+                                  f"the model has {tuple(tensor.shape)}")
+
+
 def _load_one(path: Path, model, optimizer, ema: dict | None, rank: int) -> tuple[int, dict]:
+    _check_layout(path, model)
     state = _train_state(model, optimizer, ema, 0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -410,6 +439,7 @@ def _check(path: Path):
 
 
 def _load_weights(path: Path, model, use_ema: bool) -> bool:
+    _check_layout(path, model)
     state = {"model": model.state_dict()}
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
     has_ema = any(key.startswith("ema.") for key in metadata.state_dict_metadata)
@@ -449,30 +479,54 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"no complete checkpoint in {path} (looked for step_*/{COMMIT})")
 
 
-def load_trained(path: str | Path, use_ema: bool | None = None, device="cpu",
-                 backend: str = "auto"):
-    """(model in eval mode with attention `backend`, its run config, its tokenizer, the
-    checkpoint directory) from a run directory or a checkpoint."""
-    ckpt = resolve_checkpoint(path)
-    _check(ckpt)  # before reading anything of it: config.yaml is covered by the checksums too
+def checkpoint_config(ckpt: Path) -> TrainConfig:
+    """The run config a committed checkpoint recorded (config.yaml); a CheckpointError naming
+    the file when it is not valid YAML or not a run config."""
     config_file = ckpt / "config.yaml"
     if not config_file.is_file():
         raise CheckpointError(f"{ckpt} has no config.yaml")
     try:
         values = yaml.safe_load(config_file.read_text())
-        if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+        model = values.get("model") if isinstance(values, dict) else None
+        if not isinstance(model, dict):
             raise ValueError("expected a mapping with a `model` mapping")
+        if any(key in model for key in _OLD_CONFIG_KEYS):
+            raise CheckpointError(f"checkpoint {ckpt}: {OLD_ARCHITECTURE}")
         cfg = config_from_dict(values)
         cfg.model.validate()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise CheckpointError(f"{config_file} is not valid YAML: {exc.problem}{where}") from None
+    except CheckpointError:
+        raise
     except (yaml.YAMLError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{config_file} is not a valid run config: {exc}") from None
+    return cfg
+
+
+def checkpoint_tokenizer(ckpt: Path, cfg: TrainConfig):
+    """The tokenizer a checkpoint carries (tokenizer/, with its markers in tokenizer_info.json),
+    else the run's `tokenizer` setting."""
+    tok_dir = ckpt / "tokenizer"
+    if (tok_dir / hrm_text.TOKENIZER_INFO_FILE).is_file():
+        return hrm_text.read_tokenizer(tok_dir)
+    return load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.tokenizer)
+
+
+def load_trained(path: str | Path, use_ema: bool | None = None, device="cpu",
+                 backend: str = "auto"):
+    """(model in eval mode with attention `backend`, its run config, its tokenizer, the
+    checkpoint directory) from a run directory, a checkpoint, or an `hrm_text` directory (whose
+    run config is the defaults around its model, and whose tokenizer may be None)."""
+    if hrm_text.is_hrm_text_dir(path):
+        model = hrm_text.load_model(path, device=device, backend=backend)
+        cfg = TrainConfig(model=model.cfg, attention_backend=backend)
+        return model, cfg, hrm_text.read_tokenizer(path), Path(path)
+    ckpt = resolve_checkpoint(path)
+    _check(ckpt)  # before reading anything of it: config.yaml is covered by the checksums too
+    cfg = checkpoint_config(ckpt)
     cfg.attention_backend = backend
     model = PrefixLM(cfg.model, backend=backend)
     _load_weights(ckpt, model, use_ema=cfg.use_ema if use_ema is None else use_ema)
-    tok_dir = ckpt / "tokenizer"
-    tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.tokenizer)
-    return model.to(device).eval(), cfg, tokenizer, ckpt
+    return model.to(device).eval(), cfg, checkpoint_tokenizer(ckpt, cfg), ckpt

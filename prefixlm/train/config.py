@@ -70,7 +70,10 @@ class TrainConfig:
     # Data: "" trains on the built-in synthetic task; else a JSONL file or a prepared dataset dir.
     data: str = ""
     eval_data: str = ""          # JSONL or prepared dir; "" with synthetic data: its held-out split
-    tokenizer: str = "byte"
+    tokenizer: str = "byte"      # with init_from, left at "byte": init_from's own tokenizer
+    # Start from these weights (an hrm_text directory or a prefixlm run/checkpoint): weights only,
+    # a fresh optimizer; the configured model must have their shapes.
+    init_from: str = ""
     context_size: int = 256      # longest sample prepare_sft keeps
     synthetic_train: int = 20000
     synthetic_eval: int = 500
@@ -112,8 +115,8 @@ class TrainConfig:
         for name, low, high in _INT_RANGES:
             value = getattr(self, name)
             if not low <= value < high:
-                raise ValueError(f"{name} must be in [{low}, {_bound(high)}){_MEANING.get(name, '')}"
-                                 f", got {value}")
+                meaning = _MEANING.get(name, "")
+                raise ValueError(f"{name} must be in [{low}, {_bound(high)}){meaning}, got {value}")
         for name, (allowed, ok) in _FLOAT_RULES.items():
             value = getattr(self, name)
             if not ok(value):

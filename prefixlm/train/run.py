@@ -3,6 +3,7 @@
 Data: the run's `data` setting -> JSONL -> prepare_sft -> V1Dataset -> PackedLoader. `data=""`
 writes the built-in synthetic task (train and held-out JSONL) into <run_dir>/data first.
 Preparation runs on rank 0 once per run directory (a resumed run reuses it), the others wait.
+With `init_from`, the data is tokenized with the source's tokenizer (`train.init_from`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..data.synthetic import make_split, write_jsonl
 from .checkpoint import complete_checkpoints, remove_checkpoints, remove_leftovers
 from .config import TrainConfig
 from .distributed import Dist, all_reduce, barrier, setup, teardown
+from .init_from import check_model, init_source
 from .lock import lock_run_dir
 from .signals import GracefulStop
 from .trainer import SCHEDULE_KEYS, NonFiniteLossError, NonFiniteWeightError, Trainer, lr_at
@@ -49,8 +51,9 @@ class RunData:
 
 
 def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Dist,
-                     name: str) -> Path:
-    """A prepared dataset directory for `path` (JSONL file or already prepared directory)."""
+                     name: str, tokenizer=None) -> Path:
+    """A prepared dataset directory for `path` (JSONL file or already prepared directory),
+    tokenized with `tokenizer` (an object from `load_tokenizer`; None: `cfg.tokenizer`)."""
     path = Path(path)
     if path.is_dir():
         return path
@@ -59,18 +62,21 @@ def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Di
     # The prepared copy is named after everything it depends on, so editing the JSONL or changing
     # the tokenizer / context size prepares afresh instead of reusing a stale copy.
     stat = path.stat()
-    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(cfg.tokenizer),
-                      cfg.context_size, cfg.seed])
+    tok_key = (str(cfg.tokenizer) if tokenizer is None
+               else [tokenizer.info(), str(getattr(tokenizer, "path", ""))])
+    key = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, tok_key,
+                      cfg.context_size, cfg.seed], sort_keys=True)
     target = out_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
     if dist.is_main and not (target / "metadata.json").exists():
-        prepare_sft([str(path)], str(target), tokenizer=cfg.tokenizer,
+        prepare_sft([str(path)], str(target), tokenizer=tokenizer or cfg.tokenizer,
                     context_size=cfg.context_size, seed=cfg.seed, progress=cfg.progress,
                     log=lambda message: None)
     barrier()
     return target
 
 
-def build_data(cfg: TrainConfig, dist: Dist) -> RunData:
+def build_data(cfg: TrainConfig, dist: Dist, tokenizer=None) -> RunData:
+    """The run's loader and held-out set, tokenized with `tokenizer` (None: `cfg.tokenizer`)."""
     data_dir = Path(cfg.run_dir) / "data"
     train_src, eval_src = cfg.data, cfg.eval_data
     if not train_src:
@@ -83,14 +89,15 @@ def build_data(cfg: TrainConfig, dist: Dist) -> RunData:
             write_jsonl(train_samples, train_src)
         barrier()
         eval_src = eval_src or default_eval
-    train_dir = prepared_dataset(train_src, data_dir, cfg, dist, "train")
+    train_dir = prepared_dataset(train_src, data_dir, cfg, dist, "train", tokenizer)
     dataset = V1Dataset(str(train_dir))
     tokenizer = dataset.tokenizer()
     loader = PackedLoader(dataset, cfg.capacity, rank=dist.rank, world_size=dist.world_size,
                           seed=cfg.seed, device=dist.device)
     eval_dataset = None
     if eval_src:
-        eval_dataset = V1Dataset(str(prepared_dataset(eval_src, data_dir, cfg, dist, "heldout")))
+        eval_dataset = V1Dataset(str(prepared_dataset(eval_src, data_dir, cfg, dist, "heldout",
+                                                      tokenizer)))
     return RunData(loader, eval_dataset, tokenizer, train_dir, eval_src)
 
 
@@ -156,26 +163,34 @@ def check_capacity_fits(cfg: TrainConfig, device: torch.device):
     if need > total:
         raise RunError(f"capacity={cfg.capacity} needs at least {need / 2**30:.1f} GiB on {device} "
                        f"for one micro-batch (token buffers and activations of model.hidden="
-                       f"{cfg.model.hidden}), more than its {total / 2**30:.1f} GiB; lower capacity "
-                       f"(raise grad_accum to keep the batch size)")
+                       f"{cfg.model.hidden}), more than its {total / 2**30:.1f} GiB; lower "
+                       f"capacity (raise grad_accum to keep the batch size)")
+
+
+def _setting(values, key: str):
+    """`key` ("lr", "model.bp_max_steps") of a config or of its saved dict; None if absent."""
+    for part in key.split("."):
+        values = values.get(part) if isinstance(values, dict) else getattr(values, part, None)
+    return values
 
 
 def check_schedule(cfg: TrainConfig, checkpoint: Path, new_schedule: bool) -> list[str]:
     """The schedule settings (SCHEDULE_KEYS) that differ from those `checkpoint` was trained with;
     a RunError naming them unless `new_schedule`. Resuming with another `steps` would silently
-    move the cosine under the steps left."""
+    move the cosine (and HRM's bp warm-up) under the steps left."""
     saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    changed = [f"{key}={saved[key]} -> {getattr(cfg, key)}" for key in SCHEDULE_KEYS
-               if key in saved and saved[key] != getattr(cfg, key)]
+    changed = [f"{key}={_setting(saved, key)} -> {_setting(cfg, key)}" for key in SCHEDULE_KEYS
+               if _setting(saved, key) is not None and _setting(saved, key) != _setting(cfg, key)]
     if changed and not new_schedule:
         step = int(checkpoint.name.split("_")[1])
         old = dataclasses.replace(cfg, **{k: saved[k] for k in SCHEDULE_KEYS if k in saved})
         then, now = lr_at(step, old), lr_at(step, cfg)
-        example = f" (step {step + 1}: {now:.3g} instead of {then:.3g})" if then != now else ""
+        example = f" (lr of step {step + 1}: {now:.3g} instead of {then:.3g})" if then != now \
+            else ""
         raise RunError(
-            f"{checkpoint} was trained on another learning-rate schedule ({', '.join(changed)}): "
-            f"the steps left would follow the new one{example}. Resume with the run's settings, "
-            f"or pass --new-schedule to continue on the new schedule deliberately")
+            f"{checkpoint} was trained on another schedule ({', '.join(changed)}): the steps "
+            f"left would follow the new one{example}. Resume with the run's settings, or pass "
+            f"--new-schedule to continue on the new schedule deliberately")
     return changed
 
 
@@ -222,7 +237,16 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
                            f"pass --resume to continue it, --overwrite to start over, or "
                            f"run_dir=OTHER")
         started = time.perf_counter()
-        data = build_data(cfg, dist)
+        resuming = bool(resume_from or (resume and complete_checkpoints(ckpt_root)))
+        tokenizer, source = None, None
+        if cfg.init_from:
+            source = init_source(cfg.init_from)
+            if cfg.tokenizer == "byte" and source.tokenizer is not None:
+                tokenizer = source.tokenizer
+            if cfg.model.vocab_size == 0:
+                cfg.model.vocab_size = source.model.vocab_size
+            check_model(source, cfg.model)  # before the data is prepared
+        data = build_data(cfg, dist, tokenizer)
         vocab = data.tokenizer.vocab_size
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = vocab
@@ -234,13 +258,15 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
             eval_batches = eval_batches_from(data.eval_dataset, cfg, dist.device,
                                              cfg.eval_max_samples)
         trainer = Trainer(cfg, dist, data.train_loader, eval_batches=eval_batches,
-                          tokenizer=data.tokenizer)
+                          tokenizer=data.tokenizer, initialize=not resuming)
         say(f"prefixlm train: {cfg.model.preset} model ({cfg.model.arch}, "
             f"{trainer.model.num_params() / 1e6:.2f}M params) on {dist.device} x{dist.world_size}, "
             f"{cfg.steps} steps of {cfg.capacity * cfg.grad_accum * dist.world_size} tokens; "
             f"data {data.train_path}; logs {run_dir / 'metrics.jsonl'}", flush=True)
+        if source is not None and not resuming:
+            say(f"initialized from {source.path} (weights only)", flush=True)
         if resume or resume_from:
-            if complete_checkpoints(ckpt_root) or resume_from:
+            if resuming:
                 path = trainer.resume(resume_from)
                 changed = check_schedule(cfg, path, new_schedule)
                 say(f"resumed from {path} (step {trainer.step})"

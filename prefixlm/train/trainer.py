@@ -17,16 +17,18 @@ from pathlib import Path
 import torch
 
 from ..data.loader import IGNORE_INDEX
-from ..model import PrefixLM
+from ..fsutil import write_json
+from ..model import PrefixLM, hrm_text
+from ..model.config import bp_steps_at
 from ..model.flops import step_flops, useful_pairs
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
+from .init_from import load_initial_weights
 from .distributed import Dist, all_reduce, reshard_all, shard_model
 from .metrics import MetricsLog, batch_stats, peak_flops
 
 __all__ = ["Trainer", "NonFiniteLossError", "NonFiniteWeightError", "lr_at", "SCHEDULE_KEYS",
-           "evaluate",
-           "autocast_for", "release_memory"]
+           "evaluate", "autocast_for", "release_memory"]
 
 _STAT_KEYS = ("ce_sum", "tokens", "correct", "samples", "exact")
 
@@ -39,8 +41,10 @@ class NonFiniteWeightError(RuntimeError):
     """A weight became NaN/inf (e.g. a learning rate far too high); no checkpoint was written."""
 
 
-# The settings `lr_at` reads: changing one on resume changes the learning rate of the steps left.
-SCHEDULE_KEYS = ("steps", "warmup_steps", "lr", "min_lr_ratio")
+# The settings `lr_at` and the bp warm-up (`bp_steps_at`) read: changing one on resume changes the
+# learning rate or the differentiated stack calls of the steps left.
+SCHEDULE_KEYS = ("steps", "warmup_steps", "lr", "min_lr_ratio", "model.bp_min_steps",
+                 "model.bp_max_steps", "model.bp_warmup_ratio")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -116,12 +120,11 @@ class EMA:
 
 
 def build_optimizer(model, cfg: TrainConfig, device: torch.device):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        # Matrices decay; norms, HRM init vectors and the embedding table do not.
-        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # Every parameter decays, as in HRM-Text (one AdamATan2 group over model.parameters(): the
+    # embedding and the LM head too). Its norms have no weights and z_L_init is a buffer, so
+    # nothing is left that should not. A parameter without a gradient in a step (the embedding
+    # while the bp warm-up differentiates no call that reads it) is skipped, decay included.
+    groups = [{"params": list(model.parameters()), "weight_decay": cfg.weight_decay}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -154,10 +157,11 @@ def evaluate(model, batches, cfg: TrainConfig, device: torch.device) -> dict:
 
 class Trainer:
     """Owns model, optimizer, EMA and the loop. `loader` yields Batch objects and has
-    state_dict()/load_state_dict(); `eval_batches` is a callable returning held-out batches."""
+    state_dict()/load_state_dict(); `eval_batches` is a callable returning held-out batches.
+    `initialize`: load `cfg.init_from`'s weights (False when a resume will replace them)."""
 
     def __init__(self, cfg: TrainConfig, dist: Dist, loader, *, eval_batches=None,
-                 tokenizer=None):
+                 tokenizer=None, initialize: bool = True):
         self.cfg, self.dist, self.loader = cfg, dist, loader
         self.tokenizer = tokenizer
         self.eval_batches = eval_batches
@@ -166,7 +170,10 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         # Same seed on every rank: FSDP2 shards one identical initialisation.
         torch.manual_seed(cfg.seed)
-        model = PrefixLM(cfg.model, backend=cfg.attention_backend).to(self.device)
+        model = PrefixLM(cfg.model, backend=cfg.attention_backend)
+        if cfg.init_from and initialize:
+            load_initial_weights(model, cfg.init_from, use_ema=cfg.use_ema)
+        model = model.to(self.device)
         if cfg.compile:
             for block in model.all_blocks():
                 block.compile(dynamic=False)
@@ -219,6 +226,9 @@ class Trainer:
         if self.tokenizer is not None:
             (directory / "tokenizer").mkdir(exist_ok=True)
             self.tokenizer.save(directory / "tokenizer")
+            # Its markers and conditions, which a tokenizer.json of another tool does not hold.
+            write_json(directory / "tokenizer" / hrm_text.TOKENIZER_INFO_FILE,
+                       hrm_text.tokenizer_info(self.tokenizer))
 
     def resume(self, where: str | Path | None = None) -> Path:
         step, local, path = ckpt.load_checkpoint(where or self.ckpt_root, self.model,
@@ -234,6 +244,8 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self, batches: list) -> dict:
         model, cfg = self.model, self.cfg
+        # HRM-Text's bp warm-up counts optimizer steps from 1 (it increments before the step).
+        model.bp_steps = bp_steps_at(cfg.model, self.step + 1, cfg.steps)
         local_tokens = sum((b.labels != IGNORE_INDEX).sum() for b in batches)
         global_tokens = all_reduce(local_tokens.to(torch.float32))
         scale = self.dist.world_size / global_tokens.clamp(min=1)
@@ -250,7 +262,7 @@ class Trainer:
             totals += torch.stack([stats[k].detach().double() for k in _STAT_KEYS])
             rows += batch.info.total
             flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info),
-                                None if head_rows is None else len(head_rows))
+                                None if head_rows is None else len(head_rows), model.bp_steps)
         # Ranks asking to stop (a SIGTERM) ride on the statistics' all-reduce: every rank reads the
         # same sum, so all stop after the same step.
         stop_vote = totals.new_zeros(1)
@@ -293,7 +305,7 @@ class Trainer:
         return {"loss": loss, "token_acc": values["correct"] / max(values["tokens"], 1),
                 "exact_acc": values["exact"] / samples, "grad_norm": grad_norm,
                 "tokens": int(values["tokens"]), "rows": rows, "flops": flops,
-                "stop": stop_votes > 0}
+                "bp_steps": model.bp_steps, "stop": stop_votes > 0}
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, progress=None, until: int | None = None) -> list[dict]:
@@ -326,6 +338,8 @@ class Trainer:
                           "token_acc": stats["token_acc"], "exact_acc": stats["exact_acc"],
                           "grad_norm": stats["grad_norm"], "lr": lr,
                           "supervised_tokens": stats["tokens"]}
+                if cfg.model.arch == "hrm":
+                    record["bp_steps"] = stats["bp_steps"]
                 self.history.append(record)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = max(time.perf_counter() - window_start, 1e-9)

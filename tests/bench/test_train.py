@@ -179,3 +179,28 @@ def test_bench_train_profile_on_cpu(tmp_path, capsys):
     assert len(prof["top"]) > 0
     printed = capsys.readouterr().out
     assert "profile: self CPU time of operators" in printed and "| transformer | sdpa |" in printed
+
+
+def test_hf_baselines_train_the_same_task_from_the_same_weights():
+    """Guards the transformers baselines of `bench train` measuring another task: from the same
+    weights, the padded batch (SDPA with transformers' token_type_ids mask) and the packed batch
+    (prefixlm's registered attention) give our model's loss on the same packed batch (fp32, CPU)."""
+    from prefixlm.bench.spec import SpecLoader
+    from prefixlm.bench.train import _hf_model, bench_config, padded_hf_batch
+    from prefixlm.model import PrefixLM
+
+    cfg = bench_config("tiny", 256, 97, False, "cpu", "hrm", "sdpa", ["model.layers=2"],
+                       "/tmp/unused")
+    batch = SpecLoader(256, 97, max_prefix=40, max_causal=20).batch(0)
+    torch.manual_seed(cfg.seed)
+    ours = PrefixLM(cfg.model, backend="sdpa")
+    ours.bp_steps = None
+    logits = ours(batch.inputs, batch.position_ids, batch.info)
+    expected = torch.nn.functional.cross_entropy(logits, batch.labels, ignore_index=-100)
+    padded = _hf_model(cfg, torch.device("cpu"), "hf_padded")(**padded_hf_batch(batch)).loss
+    packed = _hf_model(cfg, torch.device("cpu"), "hf_packed")(
+        input_ids=batch.inputs[None], position_ids=batch.position_ids[None],
+        prefixlm_info=batch.info, labels=batch.labels[None], shift_labels=batch.labels[None],
+        use_cache=False).loss
+    torch.testing.assert_close(padded, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)

@@ -1,10 +1,12 @@
-"""The user's path end to end: prefixlm train -> generate -> eval -> export, on a tiny run."""
+"""The user's path end to end: prefixlm train -> generate -> eval -> export (hrm_text), on a tiny
+run."""
 
 import json
 
 import pytest
 import torch
 
+from prefixlm.attention import SeqInfo
 from prefixlm.cli import main
 
 TINY = ["steps=6", "synthetic_train=300", "synthetic_eval=40", "capacity=512", "model.hidden=32",
@@ -78,27 +80,59 @@ def test_eval_reports_exact_match(run_dir, capsys):
     assert json.loads(capsys.readouterr().out)["samples"] == 7
 
 
-def test_export_round_trips_the_weights(run_dir, tmp_path):
-    """Guards an export that loads into a different model (missing keys, wrong config, raw
-    weights instead of EMA): logits of the export equal the checkpoint's."""
-    from prefixlm.data.tokenizer import load_tokenizer
-    from prefixlm.hf.export import load_exported, seqinfo_from_token_type_ids
+def test_export_writes_an_hrm_text_directory_transformers_loads(run_dir, tmp_path, capsys):
+    """Guards the export a user hands to transformers or vLLM: `prefixlm export` writes an
+    hrm_text directory whose model (the checkpoint's EMA weights) gives in transformers the
+    checkpoint's logits for a held-out sample with token_type_ids = 1 on its prompt, whose
+    tokenizer transformers loads with the prompt markers, and --verify reports the difference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from prefixlm.train.checkpoint import load_trained
 
     out = tmp_path / "export"
-    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "verify: transformers vs prefixlm on 8 samples" in printed
+    assert float(printed.split("max |logit difference| ")[1].split()[0]) <= 1e-5
     config = json.loads((out / "config.json").read_text())
-    assert config["token_type_ids"] == {"prefix": 0, "response": 1}
-    exported = load_exported(out)
-    trained, _, _, _ = load_trained(run_dir)
-    tok = load_tokenizer(str(out))
+    assert config["model_type"] == "hrm_text" and config["max_position_embeddings"] == 255
+    trained, _, tok, _ = load_trained(run_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
     prompt = tok.encode_prefix("sort 321")
+    assert hf_tok("<|inst|>sort 321<|/inst|>", add_special_tokens=False).input_ids == prompt
     ids = prompt + tok.encode_response("123")[:-1]
-    info = seqinfo_from_token_type_ids([0] * len(prompt) + [1] * (len(ids) - len(prompt)))
-    args = (torch.tensor(ids), torch.arange(len(ids)), info)
+    info = SeqInfo.from_lengths([len(prompt)], [len(ids) - len(prompt)])
+    token_types = torch.tensor([[1] * len(prompt) + [0] * (len(ids) - len(prompt))])
     with torch.no_grad():
-        torch.testing.assert_close(exported(*args), trained(*args))
+        ours = trained(torch.tensor(ids), torch.arange(len(ids)), info)
+        theirs = hf_model(input_ids=torch.tensor([ids]), token_type_ids=token_types).logits[0]
+    assert (ours - theirs).abs().max() <= 1e-5
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_generate_and_eval_read_an_hf_directory(run_dir, tmp_path, capsys):
+    """Guards `--checkpoint HF_DIR`: generate and eval on an exported directory give the run's
+    own answers and scores."""
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
+    capsys.readouterr()
+    args = ["--prompt", "reverse abc", "--max-new-tokens", "8"]
+    assert main(["generate", "--checkpoint", str(run_dir), *args]) == 0
+    expected = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out), *args]) == 0
+    assert capsys.readouterr().out == expected
+    heldout = next((run_dir / "data").glob("synthetic-heldout-*.jsonl"))
+    scores = []
+    for checkpoint in (run_dir, out):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(heldout),
+                     "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        scores.append((result["samples"], result["loss"], result["exact_match"]))
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6)
+    assert main(["eval", "--checkpoint", str(out)]) == 2
+    assert "pass --data" in capsys.readouterr().err
 
 
 def test_overrides_on_both_sides_of_an_option(tmp_path, capsys):

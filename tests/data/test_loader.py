@@ -133,3 +133,15 @@ def test_epochs_continue_and_differ(tmp_path):
     batches = _take(loader, 2 * n)
     assert loader.epoch == 2 and loader.step == 0
     assert not all(_same(a, b) for a, b in zip(batches[:n], batches[n:]))
+
+
+def test_a_state_of_another_planner_is_refused(tmp_path):
+    """Guards a resume continuing with other batches unnoticed after the planner changed: a loader
+    state records the planner's version, and a state without one came from the first planner."""
+    ds, _ = _dataset(tmp_path)
+    loader = PackedLoader(ds, 160)
+    state = loader.state_dict()
+    state.pop("planner")
+    with pytest.raises(ValueError, match="planner = 1"):
+        PackedLoader(ds, 160).load_state_dict(state)
+    PackedLoader(ds, 160).load_state_dict(loader.state_dict())

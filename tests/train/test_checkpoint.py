@@ -17,31 +17,35 @@ def _losses(history):
 
 RESUME_SETTINGS = {
     "transformer": [],
-    # H_init / L_init feed only the first, no-grad cycle: they never get a gradient.
-    "hrm-truncated-gradient": ["model.arch=hrm", "model.layers=2", "model.H_cycles=2",
-                               "model.grad_cycles=1"],
-    "hrm-all-under-grad": ["model.arch=hrm", "model.layers=2", "model.H_cycles=2",
-                           "model.grad_cycles=2"],
+    # bp_steps 2 (<= H_cycles) for steps 1-5 of 16: the embedding has no gradient, so no AdamW
+    # state, when step 4 is saved, and gets its first one after the resume (step 6).
+    "hrm-bp-warmup": ["model.arch=hrm", "model.layers=2", "model.bp_warmup_ratio=1"],
+    "hrm-all-under-grad": ["model.arch=hrm", "model.layers=2", "model.L_cycles=1",
+                           "model.bp_min_steps=4", "model.bp_max_steps=4",
+                           "model.bp_warmup_ratio=0"],
     "no-ema": ["ema_decay=0"],
-    "grad-accum": ["grad_accum=2", "model.arch=hrm", "model.layers=2", "model.grad_cycles=1"],
+    "grad-accum": ["grad_accum=2", "model.arch=hrm", "model.layers=2", "model.bp_warmup_ratio=1"],
 }
 
 
 @pytest.mark.parametrize("setting", list(RESUME_SETTINGS))
 def test_resume_gives_the_same_losses_as_a_straight_run(tmp_path, prepared_dir, setting):
     """Guards anything a checkpoint forgets (optimizer moments, EMA, LR step, loader position,
-    RNG), and runs that cannot resume at all (HRM's default truncated gradient leaves H_init
-    without optimizer state: "Missing key in checkpoint state_dict: optim.state.H_init.step"):
-    8 steps + resume + 8 steps equals 16 straight steps exactly on CPU, for every architecture
-    and setting."""
+    RNG), and runs that cannot resume at all (a parameter without gradient at save time has no
+    AdamW state, and the load failed with "Missing key in checkpoint state_dict:
+    optim.state.<param>.step"; HRM's bp warm-up leaves the embedding so): 4 steps + resume + 12
+    steps equals 16 straight steps exactly on CPU, for every architecture and setting."""
     extra = ["steps=16", *RESUME_SETTINGS[setting]]
     straight = trainer_on(small_config(tmp_path / "a", *extra, "ckpt_every=0"), prepared_dir)
     expected = _losses(straight.fit())
 
-    first = trainer_on(small_config(tmp_path / "b", *extra, "ckpt_every=8"), prepared_dir)
-    got = _losses(first.fit(until=8))
-    second = trainer_on(small_config(tmp_path / "b", *extra, "ckpt_every=8"), prepared_dir)
-    assert second.resume().name == "step_00000008"
+    first = trainer_on(small_config(tmp_path / "b", *extra, "ckpt_every=4"), prepared_dir)
+    got = _losses(first.fit(until=4))
+    untouched = [name for name, p in first.model.named_parameters()
+                 if first.optimizer.state[p]["step"].item() == 0]
+    assert bool(untouched) == (setting in ("hrm-bp-warmup", "grad-accum")), untouched
+    second = trainer_on(small_config(tmp_path / "b", *extra, "ckpt_every=4"), prepared_dir)
+    assert second.resume().name == "step_00000004"
     got += _losses(second.fit())
     assert got == expected
     for (name, a), b in zip(straight.model.named_parameters(), second.model.parameters()):
@@ -269,11 +273,12 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, prepared_dir)
     for the EMA."""
     trainer = trainer_on(small_config(tmp_path, "steps=1"), prepared_dir)
     trainer.fit()
+    name, param = list(trainer.model.named_parameters())[-1]
     with torch.no_grad():
-        trainer.model.norm.weight[0] = float("nan")
-        trainer.ema.shadow["norm.weight"][0] = float("nan")
+        param.view(-1)[0] = float("nan")
+        trainer.ema.shadow[name].view(-1)[0] = float("nan")
     path = ckpt.save_checkpoint(tmp_path / "poisoned", 1, trainer.model, trainer.optimizer,
                                 trainer.ema.shadow, {}, 0)  # bypasses Trainer.save's check
-    for use_ema, name in ((False, "norm.weight"), (True, "ema.norm.weight")):
+    for use_ema, name in ((False, name), (True, f"ema.{name}")):
         with pytest.raises(ckpt.CheckpointError, match=rf"non-finite values in {name}:"):
             ckpt.load_model_weights(path, trainer.model, use_ema=use_ema)

@@ -156,8 +156,9 @@ def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path):
     done = _torchrun([str(script), str(run_dir), str(HERE)])
     assert done.returncode == 0, done.stderr[-3000:]
     tmp = run_dir / "checkpoints" / ".tmp-step_00000002"
-    assert (run_dir / "error1").read_text().startswith(f"[Errno {errno.ENOSPC}] No space left on device")
-    assert str(tmp) in (run_dir / "error1").read_text()
+    error1 = (run_dir / "error1").read_text()
+    assert error1.startswith(f"[Errno {errno.ENOSPC}] No space left on device"), error1
+    assert str(tmp) in error1
     rank0 = (run_dir / "error0").read_text()
     assert "rank 1 could not save its part of the checkpoint (" in rank0 and str(tmp) in rank0
     assert list((run_dir / "checkpoints").iterdir()) == []

@@ -181,3 +181,29 @@ def test_batch_stats_on_supervised_rows_equal_those_on_all_rows():
         assert int(some[key]) == int(full[key]), key
     # batch_stats sums the CE in fp32; the two calls sum in different orders.
     torch.testing.assert_close(some["ce_sum"], full["ce_sum"], rtol=1e-6, atol=0)
+
+
+def test_trainer_drives_hrm_texts_bp_warmup(tmp_path, prepared_dir):
+    """Guards the training progress the model's bp warm-up needs: step s of N (counted from 1, as
+    HRM-Text counts) trains with HRM-Text's bp_steps (written out here from its formula), the
+    embedding is left alone while no differentiated call reads it (bp_steps <= H_cycles: no
+    gradient, so no update and no decay), and each step's FLOPs count that step's calls."""
+    cfg = small_config(tmp_path, "steps=10", "ckpt_every=0", "model.arch=hrm", "model.layers=2",
+                       "model.bp_warmup_ratio=0.5", "ema_decay=0")
+    trainer = trainer_on(cfg, prepared_dir)
+    embedding = trainer.model.model.embed_tokens.weight
+    before = embedding.detach().clone()
+    seen = []
+    for step in range(1, 11):
+        batch = next(iter(trainer.loader))
+        stats = trainer.train_step([batch])
+        warmup = 10 * 0.5
+        expected = 2 + int(min(1.0, step / warmup) * (5 - 2))
+        seen.append(stats["bp_steps"])
+        assert stats["bp_steps"] == expected, (step, seen)
+        assert stats["flops"] == pytest.approx(step_flops(
+            cfg.model, batch.info.total, useful_pairs(batch.info),
+            len(batch.supervised_rows), expected))
+        if expected <= 2:
+            assert torch.equal(embedding, before), step
+    assert seen == [2, 3, 3, 4, 5, 5, 5, 5, 5, 5] and not torch.equal(embedding, before)
