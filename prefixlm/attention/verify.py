@@ -93,7 +93,7 @@ class Case:
     kind: str
 
 
-LAYOUTS = ("separate", "fused")
+LAYOUTS = ("separate", "gqkv", "unaligned")
 
 
 def make_case(kind: str, seed: int, *, num_q_heads: int = 4, num_kv_heads: int = 2,
@@ -102,10 +102,12 @@ def make_case(kind: str, seed: int, *, num_q_heads: int = 4, num_kv_heads: int =
     """A random packed batch of `kind` with standard-normal q, k, v and output gradient.
 
     Capacity exceeds the total by a random odd-ish tail when `padding` is set, so padding rows and
-    totals that are not multiples of any block size are always exercised. `layout="fused"` gives
-    q, k, v as views of one (T, (Hq + 2 Hkv) D + Hq) tensor, as a fused q/k/v/gate projection
-    gives them: rows of no 16-byte multiple, which vector loads and tensor descriptors cannot take. `nan_padding`
-    fills the padding rows of q, k, v and the output gradient with NaN, which no real row may see.
+    totals that are not multiples of any block size are always exercised. `layout` "gqkv" gives
+    q, k, v as the model passes them: views of its fused projection, one (T, (2 Hq + 2 Hkv) D)
+    tensor in the order gate | q | k | v; "unaligned" as views of one (T, (Hq + 2 Hkv) D + Hq)
+    tensor, whose rows are no multiple of 16 bytes (vector loads and tensor descriptors cannot take
+    them; any strided view must still work). `nan_padding` fills the padding rows of q, k, v and the
+    output gradient with NaN, which no real row may see.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {LAYOUTS}")
@@ -119,11 +121,12 @@ def make_case(kind: str, seed: int, *, num_q_heads: int = 4, num_kv_heads: int =
     def randn(heads):
         return torch.randn(capacity, heads, head_dim, generator=gen).to(device=device, dtype=dtype)
 
-    if layout == "fused":
+    if layout != "separate":
         widths = [num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        fused = torch.randn(capacity, sum(widths) + num_q_heads, generator=gen)
+        gate = num_q_heads * head_dim if layout == "gqkv" else num_q_heads
+        fused = torch.randn(capacity, gate + sum(widths), generator=gen)
         fused = fused.to(device=device, dtype=dtype)
-        q, k, v, _gate = fused.split([*widths, num_q_heads], dim=-1)
+        _gate, q, k, v = fused.split([gate, *widths], dim=-1)
         q, k, v = (t.view(capacity, -1, head_dim) for t in (q, k, v))
     else:
         q, k, v = randn(num_q_heads), randn(num_kv_heads), randn(num_kv_heads)
@@ -246,12 +249,13 @@ def verify_matrix(backend: str, *, device, dtype=torch.bfloat16, seed: int = 0,
                   deterministic: bool = False, layout: str = "alternate",
                   nan_padding: bool = False):
     """Every batch kind x head layout x head dim for `backend`, yielded one `MatrixEntry` at a
-    time. `layout="alternate"` gives every (heads, head dim) pair both layouts."""
+    time. `layout="alternate"` cycles through LAYOUTS, shifted by one per batch kind, so every
+    (heads, head dim) pair meets each."""
     for i, (kind, head_name, head_dim) in enumerate(itertools.product(BATCH_KINDS, heads,
                                                                        head_dims)):
         num_q, num_kv = HEADS[head_name]
-        flip = (i + BATCH_KINDS.index(kind)) % 2
-        batch_layout = LAYOUTS[flip] if layout == "alternate" else layout
+        turn = (i + BATCH_KINDS.index(kind)) % len(LAYOUTS)
+        batch_layout = LAYOUTS[turn] if layout == "alternate" else layout
         case = make_case(kind, seed + i, num_q_heads=num_q, num_kv_heads=num_kv,
                          head_dim=head_dim, dtype=dtype, device=device, max_len=max_len,
                          layout=batch_layout, nan_padding=nan_padding)

@@ -62,8 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-grad", action="store_true", help="check the forward only")
     p.add_argument("--deterministic", action="store_true")
     p.add_argument("--layout", default="alternate", choices=[*LAYOUTS, "alternate"],
-                   help="q/k/v as separate tensors, as views of one fused q/k/v/gate projection "
-                        "(rows of no 16-byte multiple), or alternating")
+                   help="q/k/v as separate tensors, as the model's views of its fused gate|q|k|v "
+                        "projection, as views with rows of no 16-byte multiple, or cycling "
+                        "through the three")
     p.add_argument("--nan-padding", action="store_true",
                    help="fill the padding rows of q, k, v and dout with NaN (must not leak into "
                         "real rows; flex cannot promise it)")

@@ -35,7 +35,9 @@ def packed_prefixlm_attention(module, query, key, value, attention_mask, scaling
     if batch != 1:
         raise ValueError(f"attn_implementation={NAME!r} runs one packed row: pack the samples "
                          f"into input_ids of shape (1, T) (got a batch of {batch})")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    # Under autocast transformers applies RoPE in fp32 while v comes from the bf16 projection;
+    # the attention runs in v's dtype, as SDPA under autocast would.
+    q, k, v = (t[0].transpose(0, 1).to(value.dtype) for t in (query, key, value))
     if k.shape[0] > rows or (prefixlm_info is None and rows == 1):
         return decode_attention(q, k, v, softmax_scale=scaling)[None], None
     if prefixlm_info is None:

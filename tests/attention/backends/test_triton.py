@@ -104,7 +104,7 @@ def _run_interpreted_checks():
     # Views of an unpadded fused projection (rows of no 16-byte multiple) with NaN
     # padding, forward and backward, by the accuracy rule.
     fused = make_case("edge_mix", SESSION_SEED + 15, num_q_heads=2, num_kv_heads=1, head_dim=32,
-                      dtype=torch.float16, max_len=130, layout="fused", nan_padding=True)
+                      dtype=torch.float16, max_len=130, layout="unaligned", nan_padding=True)
     stats = check_backend("triton", fused, deterministic=True)
     _report("fused_layout_nan_padding", all(s.ok for s in stats), [str(s) for s in stats])
 
@@ -231,7 +231,7 @@ def test_tensor_descriptors_only_on_aligned_layouts():
     dense = torch.zeros(64, 4, 32, dtype=torch.bfloat16)
     assert tma_compatible(dense)
     case = make_case("random", 0, num_q_heads=4, num_kv_heads=2, head_dim=32,
-                     dtype=torch.bfloat16, max_len=40, layout="fused")
+                     dtype=torch.bfloat16, max_len=40, layout="unaligned")
     assert not tma_compatible(case.v) and not tma_compatible(case.k)
     assert not tma_compatible(dense[:, ::2])            # heads not packed in a row
     assert not tma_compatible(torch.zeros(64 * 128 + 1, dtype=torch.bfloat16)[1:].view(64, 4, 32))
@@ -277,13 +277,13 @@ def test_gpu_matches_reference(kind, dtype, heads, head_dim, deterministic):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["edge_mix", "random"])
 @pytest.mark.parametrize("heads", [(10, 10), (12, 4)])
-def test_gpu_fused_layout_nan_padding(kind, heads):
-    """The layout the model fed the op before its projection was padded (views of a fused
-    q/k/v/gate projection, rows of 3*H*D + H elements) with NaN in the padding rows: the rule
-    holds and padding stays out (an L-size training run once got NaN here from a tensor
-    descriptor over such a view)."""
+@pytest.mark.parametrize("layout", ["gqkv", "unaligned"])
+def test_gpu_projection_views_nan_padding(kind, heads, layout):
+    """q, k, v as views of a fused projection (the model's gate|q|k|v layout, and rows of no
+    16-byte multiple) with NaN in the padding rows: the rule holds and padding stays out (an
+    L-size training run once got NaN from a tensor descriptor over an unaligned view)."""
     case = make_case(kind, SESSION_SEED + 16, num_q_heads=heads[0], num_kv_heads=heads[1],
-                     head_dim=128, dtype=torch.bfloat16, device="cuda", layout="fused",
+                     head_dim=128, dtype=torch.bfloat16, device="cuda", layout=layout,
                      nan_padding=True)
     stats = check_backend("triton", case)
     assert all(s.ok for s in stats), f"PREFIXLM_TEST_SEED={SESSION_SEED}\n" + "\n".join(
