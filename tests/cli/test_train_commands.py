@@ -293,6 +293,23 @@ def test_export_to_a_file_is_refused(run_dir, tmp_path, capsys):
     assert target.read_text() == "keep me"
 
 
+def test_export_overwrite_replaces_only_an_earlier_export(run_dir, tmp_path, capsys):
+    """Guards `export --overwrite` deleting whatever folder --out names (a project folder, say):
+    only an earlier hrm_text export is replaced; any other non-empty folder is refused, kept."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("keep me")
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(project),
+                 "--overwrite"]) == 2
+    assert "is not an hrm_text export" in _one_error_line(capsys.readouterr().err, "export")
+    assert (project / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "export"
+    for _ in range(2):  # the second replaces the first
+        assert main(["export", "--checkpoint", str(run_dir), "--out", str(out),
+                     "--overwrite"]) == 0
+    assert (out / "config.json").is_file()
+
+
 def test_eval_max_samples_negative_is_refused(run_dir, capsys):
     """Guards `--max-samples -1` evaluating an arbitrary subset (26 of 50 samples) and reporting
     it as the result."""
