@@ -28,6 +28,7 @@ from ..data.loader import IGNORE_INDEX, PackedLoader
 from ..data.prepare import FORMAT, prepare_sft
 from ..data.tokenizer import load_tokenizer
 from ..data.synthetic import make_split, write_jsonl
+from ..fsutil import file_sha256
 from .checkpoint import complete_checkpoints, remove_checkpoints, remove_leftovers
 from .config import TrainConfig
 from .distributed import Dist, all_reduce, barrier, setup, teardown
@@ -54,15 +55,6 @@ class RunData:
         self.notes = list(notes)  # lines about the data for the run's log
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's contents."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Dist,
                      name: str, tokenizer=None) -> Path:
     """A prepared dataset directory for `path` (JSONL file or already prepared directory); a
@@ -76,7 +68,7 @@ def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Di
     # tokenizer's files and markers) and the settings, so editing the JSONL or replacing the
     # tokenizer.json at the same path prepares afresh instead of reusing a stale copy.
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or "byte")
-    key = json.dumps([file_digest(path), tokenizer.fingerprint(), cfg.context_size, cfg.seed,
+    key = json.dumps([file_sha256(path), tokenizer.fingerprint(), cfg.context_size, cfg.seed,
                       FORMAT])
     target = out_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if dist.is_main and not (target / "metadata.json").exists():
