@@ -1,4 +1,5 @@
-"""Durable file writes: what the dataset writer and the checkpointer use to put bytes on disk.
+"""Durable file writes: what the dataset writer and the checkpointer use to put bytes on disk; and
+the content hash that caches and results name their inputs by.
 
 A durable write flushes the file and fsyncs it before returning, so that a rename or a commit marker
 written after it can never point at data still in the page cache when the machine dies. The
@@ -8,13 +9,15 @@ directory holding a renamed or new entry is fsynced too (`fsync_dir`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["durable_open", "write_bytes", "write_json", "save_npy", "fsync_dir", "write_atomic"]
+__all__ = ["durable_open", "write_bytes", "write_json", "save_npy", "fsync_dir", "write_atomic",
+           "file_sha256"]
 
 
 @contextlib.contextmanager
@@ -68,3 +71,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's contents (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -3,19 +3,15 @@ into dirty memory, so that an LSE entry no pass writes stands out, and the GPU c
 
 from __future__ import annotations
 
-import os
-import random
 
 import numpy as np
 import pytest
 import torch
+from attentionhelpers import SESSION_SEED
 
-from prefixlm.attention import AttentionInputs
-from prefixlm.attention.registry import BACKENDS
 from prefixlm.attention.seqinfo import SeqInfo
 from prefixlm.attention.verify import Case, check_backend, make_case, random_lengths
 
-SESSION_SEED = int(os.environ.get("PREFIXLM_TEST_SEED", random.SystemRandom().randrange(2**31)))
 LSE_KINDS = ("edge_mix", "all_zero_causal", "no_prefix", "many_tiny")
 CAUSAL_OFFSET = 1000.0  # stand-in LSE: the row index, plus this on causal rows
 
@@ -60,17 +56,6 @@ def stand_in_lse(rows, first, counts, causal):
     for start, n in zip(first, counts):
         rows[start:start + n] = (torch.arange(start, start + n, dtype=torch.float32)
                                  + CAUSAL_OFFSET * causal)[:, None]
-
-
-def gpu_reason(name):
-    """Why the GPU tests of backend `name` cannot run here (None: they can)."""
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    q = torch.zeros(1, 1, 128, dtype=torch.bfloat16, device="cuda")
-    reason = BACKENDS[name].unavailable_reason(AttentionInputs.of(q, q, q))
-    if reason is None and name == "fa3" and not hasattr(torch.ops.flash_attn_3, "bwd"):
-        reason = "this FlashAttention-3 build has no backward"
-    return reason
 
 
 def opcheck_edge_mix(backend):

@@ -23,6 +23,8 @@ from ..devices import to_device
 
 __all__ = ["SeqInfo", "BatchMeta", "batch_cache"]
 
+_INT32_END = 2**31  # offsets, lengths and capacities must stay below it
+
 
 def _as_lengths(name: str, values) -> np.ndarray:
     """Validate a 1-D sequence of non-negative integers and return it as int64 numpy."""
@@ -71,8 +73,19 @@ class SeqInfo:
         if len(causal) != n:
             raise ValueError(
                 f"prefix_lens and causal_lens must have the same length, got {n} and {len(causal)}")
+        # Everything is checked before anything of the batch's size is allocated. Each length
+        # and the total must fit the int32 offsets the kernels read; with every length below
+        # 2**31 the int64 sum cannot wrap.
+        for name, lens in (("prefix_lens", prefix), ("causal_lens", causal)):
+            if n and int(lens.max()) >= _INT32_END:
+                bad = int(np.argmax(lens >= _INT32_END))
+                raise ValueError(f"{name}[{bad}] = {int(lens[bad])} does not fit the int32 "
+                                 f"offsets the kernels use (< 2**31)")
         seqlens = prefix + causal
         total = int(seqlens.sum())
+        if total >= _INT32_END:
+            raise ValueError(f"total tokens {total} do not fit the int32 offsets the kernels use "
+                             f"(< 2**31)")
         if capacity is None:
             capacity = total
             slots = n if max_samples is None else int(max_samples)
@@ -80,22 +93,23 @@ class SeqInfo:
             if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
                 raise ValueError(f"capacity must be an int, got {type(capacity).__name__}")
             capacity = int(capacity)
-            if capacity < 0:
-                raise ValueError(f"capacity must be >= 0, got {capacity}")
+            if not 0 <= capacity < _INT32_END:
+                raise ValueError(f"capacity {capacity} must be in [0, 2**31): the kernels use "
+                                 f"int32 offsets")
             if total > capacity:
                 raise ValueError(f"total tokens {total} exceed capacity {capacity}")
             # Fixed slot count => fixed tensor shapes for every batch of this capacity.
             slots = capacity if max_samples is None else int(max_samples)
         if n > slots:
             raise ValueError(f"{n} samples do not fit in max_samples={slots}")
+        if slots >= _INT32_END:
+            raise ValueError(f"max_samples={slots} must be < 2**31")
 
         pad = slots - n
         prefix_slots = np.concatenate([prefix, np.zeros(pad, np.int64)])
         causal_slots = np.concatenate([causal, np.zeros(pad, np.int64)])
         cu = np.zeros(slots + 1, np.int64)
         np.cumsum(prefix_slots + causal_slots, out=cu[1:])
-        if capacity >= 2**31:
-            raise ValueError(f"capacity {capacity} does not fit the int32 offsets the kernels use")
 
         # One host-to-device copy for all three tensors; the fields are views into it.
         packed = torch.from_numpy(np.concatenate([cu, prefix_slots, causal_slots]).astype(np.int32))

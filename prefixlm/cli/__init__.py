@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import signal
 import sys
 
 from . import attention, bench, data, evaluate, train
@@ -95,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "bench_command", None))))
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"prefixlm {command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # A second SIGTERM/SIGINT during training (train.signals.Interrupted) names its signal.
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"prefixlm {command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # noqa: BLE001 -- mapped to one line below, or re-raised
         message = None if getattr(args, "debug", False) else error_message(exc)
         if message is None:

@@ -17,7 +17,8 @@ def _train(args) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
-    run_training(cfg, resume=args.resume, resume_from=args.resume_from, overwrite=args.overwrite)
+    run_training(cfg, resume=args.resume, resume_from=args.resume_from, overwrite=args.overwrite,
+                 new_schedule=args.new_schedule)
     return 0
 
 
@@ -35,6 +36,11 @@ def _generate(args) -> int:
     from ..model.generate import GenConfig, answers
     from ..train.checkpoint import load_trained
 
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    config = GenConfig(max_new_tokens=args.max_new_tokens, max_context=args.max_context,
+                       temperature=args.temperature, top_p=args.top_p,
+                       stop_strings=tuple(args.stop or ()), seed=args.seed).validate()
     model, cfg, tokenizer, ckpt = load_trained(args.checkpoint, use_ema=not args.no_ema,
                                                device=_device(args.device),
                                                backend=args.attention_backend)
@@ -45,9 +51,6 @@ def _generate(args) -> int:
         prompts += [line.rstrip("\n") for line in open(args.prompts_file) if line.strip()]
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE")
-    config = GenConfig(max_new_tokens=args.max_new_tokens, max_context=args.max_context,
-                       temperature=args.temperature, top_p=args.top_p,
-                       stop_strings=tuple(args.stop or ()), seed=args.seed)
     results = answers(model, tokenizer, prompts, args.condition, config, slots=args.batch_size,
                       use_cache=not args.no_cache, progress=len(prompts) > 1)
     for prompt, result in zip(prompts, results):
@@ -76,6 +79,10 @@ def _eval(args) -> int:
     from ..train.run import eval_batches_from, prepared_dataset, run_eval_source
     from ..train.trainer import evaluate
 
+    if args.max_samples < 0:
+        raise ValueError(f"--max-samples must be >= 0 (0: every sample), got {args.max_samples}")
+    if args.capacity < 0:
+        raise ValueError(f"--capacity must be >= 0 (0: the run's), got {args.capacity}")
     dist = setup(_device(args.device))
     hf_dir = is_hrm_text_dir(args.checkpoint)
     model, cfg, tokenizer, ckpt = load_trained(args.checkpoint, use_ema=not args.no_ema,
@@ -102,6 +109,7 @@ def _eval(args) -> int:
     dataset = V1Dataset(str(path))
     if args.capacity:
         cfg.capacity = args.capacity
+        cfg.validate()
     result = evaluate(model, eval_batches_from(dataset, cfg, dist.device, args.max_samples)(), cfg,
                       dist.device)
     if scratch is not None:
@@ -212,6 +220,10 @@ def register(subparsers) -> None:
                    help="continue from this checkpoint directory (run_dir/checkpoints/step_N)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete run_dir's checkpoints and logs and start over")
+    p.add_argument("--new-schedule", action="store_true",
+                   help="with --resume: continue on the schedule of the new settings (steps, "
+                        "warmup_steps, lr, min_lr_ratio, model.bp_*) instead of refusing to "
+                        "change it")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every key) as YAML and exit")
     p.set_defaults(func=_train)
@@ -247,8 +259,9 @@ def register(subparsers) -> None:
                    help="held-out JSONL or prepared dataset (default: the run's held-out split)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="where a JSONL is prepared (default: the run's data/ folder)")
-    p.add_argument("--capacity", type=int, default=0)
-    p.add_argument("--max-samples", type=int, default=0)
+    p.add_argument("--capacity", type=int, default=0, help="tokens per batch (0: the run's)")
+    p.add_argument("--max-samples", type=int, default=0,
+                   help="evaluate the first N samples (0: all)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     from .evaluate import add_task_arguments
 

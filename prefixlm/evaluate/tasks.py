@@ -30,12 +30,12 @@ the condition tokens; the answer is generated causally.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..extras import require
+from ..fsutil import file_sha256
 from ..model.generate import GenConfig
 from .scorers import gsm8k_gold, headline_metric, last_boxed_only_string
 from .drop import parse_native_answers
@@ -301,14 +301,6 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # -- tasks --------------------------------------------------------------------------------------
 
 def _mcq_block(doc: dict, with_answer: bool) -> str:
@@ -433,7 +425,7 @@ class Task:
     def describe(self) -> dict:
         """The task's settings as recorded in the results."""
         return {"preset": self.preset, "data": str(self.data),
-                "data_sha256": _sha256(Path(self.data)), "scorer": self.scorer,
+                "data_sha256": file_sha256(self.data), "scorer": self.scorer,
                 "condition": self.condition, "prompt_template": self.prompt_template,
                 "shots": None if self.shots is None else str(self.shots),
                 "num_shots": self.num_shots, "limit": self.limit,

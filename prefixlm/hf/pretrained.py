@@ -69,9 +69,16 @@ def save_pretrained(model, path, tokenizer=None, dtype=torch.float32, *,
     transformers = _transformers()
     dtype = _dtype(dtype)
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output {path} is a file: export writes a directory; choose another "
+                         "--out")
     if path.exists() and not overwrite:
         raise ValueError(f"output {path} already exists; pass --overwrite (overwrite=True) to "
                          f"replace it")
+    if path.exists() and any(path.iterdir()) and not hrm_text.is_hrm_text_dir(path):
+        # --overwrite replaces an earlier export, never a folder of something else.
+        raise ValueError(f"output {path} is not an hrm_text export (no hrm_text config.json): "
+                         "--overwrite replaces only an earlier export; choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

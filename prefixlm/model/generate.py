@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,10 @@ __all__ = ["GenConfig", "GenResult", "BatchKVCache", "generate_batch", "generate
            "answer", "sample_next", "FINISH_REASONS"]
 
 FINISH_REASONS = ("stop", "stop_string", "length", "too_long")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -57,12 +62,16 @@ class GenConfig:
     seed: int = 0
 
     def validate(self) -> "GenConfig":
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.max_context is not None and self.max_context < 1:
-            raise ValueError(f"max_context must be >= 1, got {self.max_context}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        """ValueError naming the first out-of-range field (NaN is out of every range: sampling
+        with it fails deep inside torch)."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
+        if self.max_context is not None and (not _is_int(self.max_context)
+                                             or self.max_context < 1):
+            raise ValueError(f"max_context must be an int >= 1, got {self.max_context!r}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got "
+                             f"{self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):

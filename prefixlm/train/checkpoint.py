@@ -1,15 +1,20 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP), committed atomically.
+"""Checkpoints with torch.distributed.checkpoint (DCP), committed atomically and checksummed.
 
 Layout: <run_dir>/checkpoints/step_00000100/ holds DCP's shards of model, optimizer, EMA and step,
 one `rank00000.pt` per rank with its loader and RNG states, config.yaml and tokenizer/, and `COMMIT`
-(written last) listing every file with its size. A save goes to `.tmp-step_...`, gets its COMMIT,
-then is renamed: a crash at any point leaves either no new directory or an uncommitted temp one, and
-the previous checkpoint stays the newest complete one. On resume, a checkpoint whose files do not match its COMMIT (truncated,
-missing) or that DCP cannot read is skipped with a warning in favour of the previous one.
+(written last) listing every file with its size and CRC-32. A save goes to `.tmp-step_...`, gets its
+COMMIT, then is renamed: a crash at any point leaves either no new directory or an uncommitted temp
+one, and the previous checkpoint stays the newest complete one. Old checkpoints are pruned by a
+rename to `.deleting-step_...` first, so an interrupted prune never leaves a `step_*` that is only
+part of one. Temporary and half-deleted folders are removed by the next save (and the next run).
+On resume, a checkpoint whose files do not match its COMMIT (truncated, missing, a flipped bit) or
+that DCP cannot read is skipped with a warning naming the file, in favour of the previous one;
+`load_model_weights` (generate, eval, export) refuses it.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -18,6 +23,7 @@ import re
 import shutil
 import sys
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +38,20 @@ from ..data.tokenizer import load_tokenizer
 from ..fsutil import fsync_dir, write_bytes
 from ..model import PrefixLM, hrm_text
 from .config import TrainConfig, config_from_dict
-from .distributed import all_reduce, barrier
+from .distributed import all_reduce
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
            "CheckpointError", "load_model_weights", "resolve_checkpoint", "load_trained",
-           "checkpoint_config", "checkpoint_tokenizer", "keep_best", "read_best"]
+           "checkpoint_config", "checkpoint_tokenizer", "keep_best", "read_best", "verify",
+           "file_crc32", "fill_optimizer_state", "remove_leftovers", "remove_checkpoints"]
 
 COMMIT = "COMMIT"
 _NAME = re.compile(r"^step_(\d+)$")
 BEST, BEST_RECORD = "best", "best.json"
+# What a save or a prune leaves behind when it is killed; nothing else in the folder starts so.
+_LEFTOVER_PREFIXES = (".tmp-step_", ".deleting-")
+# DCP's shard files are named __<rank>_<n>.distcp; ours rank<rank>.pt.
+_RANK_OF_FILE = re.compile(r"^(?:__(\d+)_\d+\.distcp|rank(\d+)\.pt)$")
 # Model config keys and weight names only prefixlm's architecture before the HRM-Text model had.
 _OLD_CONFIG_KEYS = ("tie_embeddings", "init_std", "grad_cycles", "H_layers", "L_layers")
 _OLD_WEIGHT = "model.embed.weight"
@@ -50,7 +61,6 @@ OLD_ARCHITECTURE = ("it was written by prefixlm's architecture from before the H
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and says why."""
-
 
 
 def rng_state() -> dict:
@@ -69,7 +79,35 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def fill_optimizer_state(optimizer) -> None:
+    """Give every parameter of an Adam/AdamW optimizer the state its first step would create
+    (step 0, zero moments), exactly as `torch.optim.Adam` creates it lazily for a parameter's first
+    gradient. A parameter that has had no gradient yet (one used only in HRM's no-grad cycles, or
+    during a warm-up without gradient) otherwise has no state, and DCP can save only the state
+    that exists but loads the state of every parameter. Numerically nothing changes: AdamW skips
+    a parameter without gradient, and its first step from this state is the step it takes from
+    its own fresh state. Other optimizers are left as they are."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    for group in optimizer.param_groups:
+        fused, capturable = group.get("fused"), group.get("capturable")
+        scalar = torch.float32 if fused or torch.get_default_dtype() != torch.float64 \
+            else torch.float64
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state:
+                continue
+            state["step"] = (torch.zeros((), dtype=scalar, device=param.device)
+                             if fused or capturable else torch.tensor(0.0, dtype=scalar))
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(param,
+                                                            memory_format=torch.preserve_format)
+
+
 def _train_state(model, optimizer, ema: dict | None, step: int) -> dict:
+    fill_optimizer_state(optimizer)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "step": torch.tensor(step)}
     if ema:
@@ -77,61 +115,223 @@ def _train_state(model, optimizer, ema: dict | None, step: int) -> dict:
     return state
 
 
+def file_crc32(path: str | Path) -> str:
+    """CRC-32 of a file's bytes as 8 hex digits (zlib's, streamed in 4 MiB blocks; zlib releases
+    the GIL, and a file just written is read back from the page cache)."""
+    crc, block = 0, bytearray(4 << 20)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            crc = zlib.crc32(view[:n], crc)
+    return f"{crc:08x}"
+
+
+def _hashed_by(name: str, world: int) -> int:
+    """The rank that checksums file `name`: the one that wrote it, else rank 0."""
+    match = _RANK_OF_FILE.match(name)
+    rank = int(match.group(1) or match.group(2)) if match else 0
+    return rank if rank < world else 0
+
+
+def _world() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def _all_gather(obj) -> list:
+    if not torch_dist.is_initialized():
+        return [obj]
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def _as_os_error(exc: BaseException, where: Path) -> BaseException:
+    """The OSError inside DCP's CheckpointException (disk full, permissions) with the path it was
+    writing, so the CLI reports it in one line; other errors unchanged."""
+    failures = getattr(exc, "failures", None) or {}
+    for failure in failures.values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, OSError):
+            exc = inner
+            break
+    if isinstance(exc, OSError) and exc.filename is None:
+        return OSError(exc.errno, exc.strerror or str(exc), str(where))
+    return exc
+
+
+def _discard(path: Path):
+    """Delete a checkpoint directory so that a crash midway never leaves a `step_*` holding part
+    of one: one atomic rename out of the `step_*` names first, then the deletion."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(root: str | Path) -> list[Path]:
+    """Remove what killed saves and prunes left in `root` (`.tmp-step_*`, `.deleting-*`); returns
+    them. Only for a root no other process is writing (run_training holds the run's lock)."""
+    root = Path(root)
+    found = [p for p in root.iterdir() if p.name.startswith(_LEFTOVER_PREFIXES)] \
+        if root.is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
+def remove_checkpoints(root: str | Path):
+    """Delete every checkpoint under `root`, the best one included (prefixlm train --overwrite),
+    each crash-safely."""
+    root = Path(root)
+    doomed = [p for p in root.glob("step_*") if p.is_dir()]
+    doomed += [p for p in (root / BEST, root / f".old-{BEST}", root / f".tmp-{BEST}") if p.is_dir()]
+    for path in doomed:
+        _discard(path)
+    remove_leftovers(root)
+
+
+def _checksum_share(tmp: Path, rank: int, world: int) -> dict:
+    """{file: CRC-32} of the files under `tmp` that this rank checksums."""
+    names = (str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file())
+    return {name: file_crc32(tmp / name) for name in names
+            if name != COMMIT and _hashed_by(name, world) == rank}
+
+
 def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dict | None,
                     loader_state: dict, rank: int, keep: int = 3, write_extra=None) -> Path:
     """Save and commit step `step`; `write_extra(tmp_dir)` (rank 0) adds files such as the config
-    and tokenizer before the commit, so they are covered by it."""
+    and tokenizer before the commit, so they are covered by it. Every rank checksums the files it
+    wrote. A failure on any rank (disk full, ...) is raised on every rank, with no collective
+    left waiting, and the temporary folder is removed."""
     root = Path(ckpt_root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
+    world = _world()
+    # A failure on one rank must not leave the others waiting in a collective: each phase
+    # records its error, the ranks exchange them, and all raise together.
+    setup_error = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    with warnings.catch_warnings():  # "assuming ... a single process" is what we mean
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save(_train_state(model, optimizer, ema, step), checkpoint_id=str(tmp))
-    local = {"loader": loader_state, "rng": rng_state(), "step": step}
-    buffer = io.BytesIO()
-    torch.save(local, buffer)
-    write_bytes(tmp / f"rank{rank:05d}.pt", buffer.getvalue())
-    barrier()
-    if rank == 0:
-        if write_extra is not None:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(root)
+            tmp.mkdir()
+        except OSError as exc:
+            setup_error = exc
+    _raise_if_failed(setup_error, _all_gather({"error": setup_error and str(setup_error)}),
+                     tmp, rank)
+    try:
+        with warnings.catch_warnings():  # "assuming ... a single process" is what we mean
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save(_train_state(model, optimizer, ema, step), checkpoint_id=str(tmp))
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 -- DCP raises on every rank
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _as_os_error(exc, tmp) from None
+    local_error = None
+    try:
+        local = {"loader": loader_state, "rng": rng_state(), "step": step}
+        buffer = io.BytesIO()
+        torch.save(local, buffer)
+        write_bytes(tmp / f"rank{rank:05d}.pt", buffer.getvalue())
+    except Exception as exc:  # noqa: BLE001 -- raised below, once every rank knows
+        local_error = exc
+    if rank == 0 and local_error is None and write_extra is not None:
+        try:
             write_extra(tmp)
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
-                 if p.is_file()}
-        world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
-        write_bytes(tmp / COMMIT, json.dumps({"step": step, "world_size": world,
-                                                 "files": files}).encode())
-        fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. a resumed run ending there)
-            shutil.rmtree(final)
-        tmp.rename(final)
-        fsync_dir(root)
-        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        except Exception as exc:  # noqa: BLE001
+            local_error = exc
+    crc = {}
+    if local_error is None:
+        try:
+            crc = _checksum_share(tmp, rank, world)
+        except OSError as exc:
+            local_error = exc
+    shares = _all_gather({"crc32": crc, "error": None if local_error is None else str(local_error)})
+    _raise_if_failed(local_error, shares, tmp, rank)
+    commit_error = None
+    if rank == 0:
+        try:
+            _commit(tmp, final, step, world, {k: v for share in shares
+                                              for k, v in share["crc32"].items()})
+            for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+                _discard(old)
+        except OSError as exc:
+            commit_error = exc
+    _raise_if_failed(commit_error, _all_gather({"error": commit_error and str(commit_error)}),
+                     tmp, rank)
     return final
 
 
-def verify(path: Path) -> str | None:
-    """None if `path` is a committed checkpoint whose files match its COMMIT, else the reason."""
+def _raise_if_failed(error, shares: list[dict], tmp: Path, rank: int):
+    """Raise on every rank if any rank failed: its own error where it has one, else an OSError
+    naming the first failed rank. Rank 0 removes the temporary folder (it holds the space)."""
+    failed = [(r, share["error"]) for r, share in enumerate(shares) if share["error"]]
+    if not failed:
+        return
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is not None:
+        raise _as_os_error(error, tmp)
+    first_rank, message = failed[0]
+    raise OSError(errno.EIO, f"rank {first_rank} could not save its part of the checkpoint "
+                             f"({message})", str(tmp))
+
+
+def _commit(tmp: Path, final: Path, step: int, world: int, crc: dict):
+    """Write COMMIT (every file's size and CRC-32) and rename `tmp` to `final`."""
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+             if p.is_file()}
+    write_bytes(tmp / COMMIT, json.dumps({"step": step, "world_size": world, "files": files,
+                                             "crc32": crc}).encode())
+    fsync_dir(tmp)
+    # A re-save of the same step (a resumed run ending there): the old one moves out of the way
+    # in one rename, the new one moves in with the next.
+    displaced = final.with_name(f".deleting-{final.name}") if final.exists() else None
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
+        final.rename(displaced)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    if displaced is not None:
+        shutil.rmtree(displaced, ignore_errors=True)
+
+
+def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
+    """None if `path` is a committed checkpoint whose files match its COMMIT, else the reason,
+    naming the file. Sizes are checked for every file; checksums for the files that this rank
+    checksummed at save time (all of them in a single process)."""
     marker = path / COMMIT
     if not marker.is_file():
         return "no COMMIT marker (the save did not finish)"
     try:
         commit = json.loads(marker.read_text())
-        files = commit["files"]
-    except (ValueError, KeyError, TypeError):
+        files, crc = commit["files"], commit.get("crc32")
+        if not isinstance(files, dict) or not isinstance(crc, (dict, type(None))):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
         return "COMMIT marker is unreadable"
+    if crc is None:
+        return ("its COMMIT has no checksums: it was written by an older prefixlm, from before "
+                "the HRM-Text model and checksummed checkpoints (README, Training); train it "
+                "again")
     for name, size in files.items():
         f = path / name
+        if name not in crc:
+            return f"COMMIT has no checksum for file {name}"
         if not f.is_file():
             return f"file {name} is missing"
         if f.stat().st_size != size:
             return f"file {name} has {f.stat().st_size} bytes, COMMIT says {size}"
+    for name, expected in crc.items():
+        if _hashed_by(name, world) != rank:
+            continue
+        try:
+            got = file_crc32(path / name)
+        except OSError as exc:
+            return f"file {name} cannot be read ({exc.strerror or exc})"
+        if got != expected:
+            return f"file {name} fails its checksum (CRC-32 {got}, COMMIT says {expected})"
     return None
 
 
@@ -153,9 +353,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _warn(msg: str, rank: int):
-    if rank == 0:
-        print(f"prefixlm: warning: {msg}", file=sys.stderr)
+def _warn(msg: str):
+    print(f"prefixlm: warning: {msg}", file=sys.stderr)
 
 
 def _check_layout(path: Path, model) -> None:
@@ -207,21 +406,26 @@ def load_checkpoint(path_or_root: str | Path, model, optimizer, ema: dict | None
     if not candidates:
         raise CheckpointError(f"no complete checkpoint under {path}")
     errors = []
+    world = _world()
     for candidate in candidates:
-        reason = verify(candidate)
+        reason = verify(candidate, rank, world)
         if reason is None:
             try:
                 step, local = _load_one(candidate, model, optimizer, ema, rank)
             # DCP wraps read errors in CheckpointException, a BaseException.
             except (Exception, CheckpointException) as exc:  # noqa: BLE001
                 reason, step, local = f"cannot be read ({type(exc).__name__}: {exc})", -1, None
-        failed = torch.tensor(0 if reason is None else 1)
-        if all_reduce(failed).item() == 0:
+        # Which ranks found it unusable: the first of them reports why (it alone knows).
+        failed = torch.zeros(world)
+        failed[rank] = 0 if reason is None else 1
+        failed = all_reduce(failed)
+        if failed.sum().item() == 0:
             return step, local, candidate
-        reason = reason or "unreadable on another rank"
+        reporter = int(failed.nonzero()[0])
+        reason = reason or f"unusable on rank {reporter}"
         errors.append(f"{candidate}: {reason}")
-        if not explicit:
-            _warn(f"skipping checkpoint {candidate}: {reason}", rank)
+        if not explicit and rank == reporter:
+            _warn(f"skipping checkpoint {candidate}: {reason}")
     raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
 
 
@@ -229,9 +433,17 @@ def load_model_weights(path: str | Path, model, use_ema: bool = True) -> bool:
     """Load the model (and, with use_ema, the EMA weights over it) from one checkpoint directory,
     in a single process whatever the world size it was saved with. Returns whether EMA was used."""
     path = Path(path)
+    _check(path)
+    return _load_weights(path, model, use_ema)
+
+
+def _check(path: Path):
     reason = verify(path)
     if reason is not None:
         raise CheckpointError(f"checkpoint {path} is not usable: {reason}")
+
+
+def _load_weights(path: Path, model, use_ema: bool) -> bool:
     _check_layout(path, model)
     state = {"model": model.state_dict()}
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
@@ -245,12 +457,17 @@ def load_model_weights(path: str | Path, model, use_ema: bool = True) -> bool:
     except (Exception, CheckpointException) as exc:  # noqa: BLE001
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
     model.load_state_dict(state["model"])
-    if "ema" in state:
+    used_ema = "ema" in state
+    if used_ema:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(state["ema"][name])
-        return True
-    return False
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise CheckpointError(f"checkpoint {path} holds non-finite values in "
+                                  f"{'ema.' if used_ema else ''}{name}: the run diverged "
+                                  "before this save; use an earlier checkpoint")
+    return used_ema
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -268,15 +485,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def checkpoint_config(ckpt: Path) -> TrainConfig:
-    """The run config a committed checkpoint recorded (config.yaml)."""
+    """The run config a committed checkpoint recorded (config.yaml); a CheckpointError naming
+    the file when it is not valid YAML or not a run config."""
     config_file = ckpt / "config.yaml"
     if not config_file.is_file():
         raise CheckpointError(f"{ckpt} has no config.yaml")
-    values = yaml.safe_load(config_file.read_text())
-    model = values.get("model") if isinstance(values, dict) else None
-    if isinstance(model, dict) and any(key in model for key in _OLD_CONFIG_KEYS):
-        raise CheckpointError(f"checkpoint {ckpt}: {OLD_ARCHITECTURE}")
-    return config_from_dict(values)
+    try:
+        values = yaml.safe_load(config_file.read_text())
+        model = values.get("model") if isinstance(values, dict) else None
+        if not isinstance(model, dict):
+            raise ValueError("expected a mapping with a `model` mapping")
+        if any(key in model for key in _OLD_CONFIG_KEYS):
+            raise CheckpointError(f"checkpoint {ckpt}: {OLD_ARCHITECTURE}")
+        cfg = config_from_dict(values)
+        cfg.model.validate()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise CheckpointError(f"{config_file} is not valid YAML: {exc.problem}{where}") from None
+    except CheckpointError:
+        raise
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_file} is not a valid run config: {exc}") from None
+    return cfg
 
 
 def checkpoint_tokenizer(ckpt: Path, cfg: TrainConfig):
@@ -298,10 +529,11 @@ def load_trained(path: str | Path, use_ema: bool | None = None, device="cpu",
         cfg = TrainConfig(model=model.cfg, attention_backend=backend)
         return model, cfg, hrm_text.read_tokenizer(path), Path(path)
     ckpt = resolve_checkpoint(path)
+    _check(ckpt)  # before reading anything of it: config.yaml is covered by the checksums too
     cfg = checkpoint_config(ckpt)
     cfg.attention_backend = backend
     model = PrefixLM(cfg.model, backend=backend)
-    load_model_weights(ckpt, model, use_ema=cfg.use_ema if use_ema is None else use_ema)
+    _load_weights(ckpt, model, use_ema=cfg.use_ema if use_ema is None else use_ema)
     return model.to(device).eval(), cfg, checkpoint_tokenizer(ckpt, cfg), ckpt
 
 

@@ -8,6 +8,7 @@ picks the base sizes that the other model fields then override.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,45 @@ __all__ = ["TrainConfig", "load_config", "parse_overrides", "save_config", "conf
            "RUNTIME_KEYS"]
 
 RUNTIME_KEYS = ("attention_backend", "activation_checkpointing")
+
+# The SeqInfo offsets the kernels read are int32.
+MAX_CAPACITY = 2**31
+# (key, lowest allowed, first not allowed)
+_INT_RANGES = (
+    ("capacity", 1, MAX_CAPACITY), ("grad_accum", 1, 2**31), ("steps", 1, 2**62),
+    ("context_size", 1, MAX_CAPACITY), ("warmup_steps", 0, 2**62), ("log_every", 1, 2**62),
+    ("ckpt_every", 0, 2**62), ("keep_checkpoints", 0, 2**31), ("eval_max_samples", 0, 2**62),
+    ("synthetic_train", 1, 2**31), ("synthetic_eval", 0, 2**31), ("seed", 0, 2**63),
+    ("max_threads", 0, 2**16), ("fsdp_blocks_per_unit", 1, 2**31), ("min_causal", 0, 2**31),
+    ("eval_every", 0, 2**62), ("eval_task_limit", 0, 2**62), ("eval_task_max_new_tokens", 0, 2**31),
+    ("eval_task_batch_size", 1, 2**31),
+)
+# key: (allowed, test). `v < math.inf` rejects inf, and NaN fails every comparison.
+_FLOAT_RULES = {
+    "lr": ("finite and > 0", lambda v: 0 < v < math.inf),
+    "min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "weight_decay": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+    "beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "eps": ("finite and > 0", lambda v: 0 < v < math.inf),
+    "grad_clip": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+    "ema_decay": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "peak_tflops": ("finite and >= 0", lambda v: 0 <= v < math.inf),
+}
+_MEANING = {
+    "ckpt_every": " (0: only at the end)", "keep_checkpoints": " (0: keep all)",
+    "eval_max_samples": " (0: the whole held-out split)", "max_threads": " (0: automatic)",
+    "grad_clip": " (0: no clipping)", "ema_decay": " (0: no EMA)",
+    "peak_tflops": " (0: known GPUs only)", "capacity": " (SeqInfo's offsets are int32)",
+    "eval_every": " (0: once, at the end)", "eval_task_limit": " (0: all rows)",
+    "eval_task_max_new_tokens": " (0: the presets' budgets)",
+}
+
+
+def _bound(value: int) -> str:
+    """2**31 rather than 2147483648 in messages."""
+    exponent = value.bit_length() - 1
+    return f"2**{exponent}" if value == 2**exponent and exponent > 16 else str(value)
 
 
 @dataclass
@@ -103,15 +143,17 @@ class TrainConfig:
     activation_checkpointing: str = "none"
 
     def validate(self) -> "TrainConfig":
-        positive = ("capacity", "grad_accum", "steps", "log_every", "context_size",
-                    "fsdp_blocks_per_unit")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        """Every numeric key within its range (the error names the key and the range), the
+        choices among their names, and the model's own checks, before any work starts."""
+        for name, low, high in _INT_RANGES:
+            value = getattr(self, name)
+            if not low <= value < high:
+                meaning = _MEANING.get(name, "")
+                raise ValueError(f"{name} must be in [{low}, {_bound(high)}){meaning}, got {value}")
+        for name, (allowed, ok) in _FLOAT_RULES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"{name} must be {allowed}{_MEANING.get(name, '')}, got {value}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         from ..attention import backend_names  # here: reading a config needs no torch or triton
@@ -121,11 +163,6 @@ class TrainConfig:
                              f"got {self.attention_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.eval_every < 0 or self.eval_task_limit < 0 or self.eval_task_max_new_tokens < 0:
-            raise ValueError("eval_every, eval_task_limit and eval_task_max_new_tokens must be "
-                             ">= 0")
-        if self.eval_task_batch_size <= 0:
-            raise ValueError(f"eval_task_batch_size must be > 0, got {self.eval_task_batch_size}")
         if self.best_mode not in ("auto", "min", "max"):
             raise ValueError(f"best_mode must be auto, min or max, got {self.best_mode!r}")
         if self.best_metric and not self.best_metric.startswith("eval/"):
@@ -140,14 +177,18 @@ class TrainConfig:
         if self.activation_checkpointing == "cycles" and self.model.arch != "hrm":
             raise ValueError("activation_checkpointing=cycles checkpoints HRM's recurrence "
                              "steps: it needs model.arch=hrm (use blocks)")
-        if self.min_causal < 0:
-            raise ValueError(f"min_causal must be >= 0, got {self.min_causal}")
         # A sample of n tokens feeds n - 1 (the last is only predicted): context 4097 at
         # capacity 4096 is HRM-Text's own setting. A prepared dataset brings its own lengths
         # (the loader checks each sample against the capacity).
         if self.context_size - 1 > self.capacity and not (self.data and Path(self.data).is_dir()):
             raise ValueError(f"context_size - 1 ({self.context_size - 1}, the tokens a longest "
                              f"sample feeds) must fit in capacity ({self.capacity})")
+        if self.model.vocab_size < 0:
+            raise ValueError(f"model.vocab_size must be >= 0 (0: the tokenizer's), got "
+                             f"{self.model.vocab_size}")
+        # The model's checks now rather than after the data is prepared (vocab_size 0 is filled
+        # in from the tokenizer later).
+        dataclasses.replace(self.model, vocab_size=self.model.vocab_size or 1).validate()
         return self
 
     def to_dict(self) -> dict:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..data.loader import IGNORE_INDEX
 from ..devices import to_device
+from ..fsutil import write_atomic
 
 __all__ = ["batch_stats", "MetricsLog", "peak_flops"]
 
@@ -73,25 +74,50 @@ def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
 
 class MetricsLog:
     """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard and
-    to `sinks` (objects with write(record) and close(), e.g. `wandb_log.WandbLog`)."""
+    to `sinks` (objects with write(record) and close(), e.g. `wandb_log.WandbLog`).
+
+    `start(step)` opens the log of a run that continues from `step` (0 for a fresh one): records
+    of later steps, left by a run that went further before it was killed, are dropped, so every
+    step appears once however often a run resumes. The JSONL file is rewritten atomically; the
+    TensorBoard writer gets `purge_step=step + 1`, which makes TensorBoard hide the older events of
+    those steps."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, sinks=()):
         self.enabled = enabled
         self.sinks = list(sinks) if enabled else []
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tensorboard_dir = Path(run_dir) / "tensorboard"
+        self.tensorboard = enabled and tensorboard
         self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.writer = None
+
+    def start(self, step: int):
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+            if kept != lines:
+                write_atomic(self.path, "".join(line + "\n" for line in kept).encode())
+        if self.writer is None:
+            self.writer = self._open_writer(purge_step=step + 1)
+
+    def _open_writer(self, purge_step: int | None = None):
+        if not self.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            self.tensorboard = False
+            return None
+        return SummaryWriter(str(self.tensorboard_dir), purge_step=purge_step)
 
     def write(self, record: dict):
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is None:
+            self.writer = self._open_writer()
         if self.writer is not None:
             step = record.get("step", 0)
             for key, value in record.items():
@@ -103,6 +129,16 @@ class MetricsLog:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one JSONL record; None for a line torn by a kill or not ours."""
+    try:
+        record = json.loads(line)
+        return int(record["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -10,13 +10,17 @@ With `init_from`, the data is tokenized with the source's tokenizer (`train.init
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..attention import SeqInfo
 from ..data.dataset import V1Dataset
@@ -24,11 +28,14 @@ from ..data.loader import IGNORE_INDEX, PackedLoader
 from ..data.prepare import FORMAT, prepare_sft
 from ..data.tokenizer import load_tokenizer
 from ..data.synthetic import make_split, write_jsonl
-from .checkpoint import complete_checkpoints
+from ..fsutil import file_sha256
+from .checkpoint import complete_checkpoints, remove_checkpoints, remove_leftovers
 from .config import TrainConfig
-from .distributed import Dist, barrier, setup, teardown
+from .distributed import Dist, all_reduce, barrier, setup, teardown
 from .init_from import check_model, init_source
-from .trainer import NonFiniteLossError, Trainer
+from .lock import lock_run_dir
+from .signals import GracefulStop
+from .trainer import SCHEDULE_KEYS, NonFiniteLossError, NonFiniteWeightError, Trainer, lr_at
 
 __all__ = ["RunData", "RunError", "build_data", "eval_batches_from", "run_eval_source",
            "prepared_dataset", "run_training"]
@@ -48,15 +55,6 @@ class RunData:
         self.notes = list(notes)  # lines about the data for the run's log
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's contents."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Dist,
                      name: str, tokenizer=None) -> Path:
     """A prepared dataset directory for `path` (JSONL file or already prepared directory); a
@@ -70,7 +68,7 @@ def prepared_dataset(path: str | Path, out_dir: Path, cfg: TrainConfig, dist: Di
     # tokenizer's files and markers) and the settings, so editing the JSONL or replacing the
     # tokenizer.json at the same path prepares afresh instead of reusing a stale copy.
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or "byte")
-    key = json.dumps([file_digest(path), tokenizer.fingerprint(), cfg.context_size, cfg.seed,
+    key = json.dumps([file_sha256(path), tokenizer.fingerprint(), cfg.context_size, cfg.seed,
                       FORMAT])
     target = out_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if dist.is_main and not (target / "metadata.json").exists():
@@ -124,8 +122,12 @@ def data_notes(dataset: V1Dataset, tokenizer, min_causal: int) -> list[str]:
 
 
 def eval_batches_from(dataset, cfg: TrainConfig, device, max_samples: int = 0):
-    """A callable giving one pass over the held-out set. Every rank evaluates the whole set (same
-    forward passes everywhere, as FSDP2's collectives require); results are not summed."""
+    """A callable giving one pass over the held-out set, or its first `max_samples` samples (0:
+    all). Every rank evaluates the whole set (same forward passes everywhere, as FSDP2's
+    collectives require); results are not summed."""
+    if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 0:
+        raise ValueError(f"max_samples must be an int >= 0 (0: every sample), got {max_samples!r}")
+
     def batches():
         loader = PackedLoader(dataset, cfg.capacity, rank=0, world_size=1, seed=cfg.seed,
                               device=device, prefetch=0, min_causal=cfg.min_causal)
@@ -166,24 +168,91 @@ def _first_samples(batch, keep: int):
     return type(batch)(batch.inputs, labels, batch.position_ids, new_info)
 
 
+def check_capacity_fits(cfg: TrainConfig, device: torch.device):
+    """Refuse a `capacity` whose micro-batch cannot fit the device whatever the model: a lower
+    bound (the loader's int64 token and slot buffers, and two fp32 activations of `hidden` per
+    token, the embedding's output and the last hidden state) against the device's total memory."""
+    host = cfg.capacity * 6 * 8
+    activations = cfg.capacity * cfg.model.hidden * 4 * 2
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        need = activations
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        need = activations + host
+    if need > total:
+        raise RunError(f"capacity={cfg.capacity} needs at least {need / 2**30:.1f} GiB on {device} "
+                       f"for one micro-batch (token buffers and activations of model.hidden="
+                       f"{cfg.model.hidden}), more than its {total / 2**30:.1f} GiB; lower "
+                       f"capacity (raise grad_accum to keep the batch size)")
+
+
+def _setting(values, key: str):
+    """`key` ("lr", "model.bp_max_steps") of a config or of its saved dict; None if absent."""
+    for part in key.split("."):
+        values = values.get(part) if isinstance(values, dict) else getattr(values, part, None)
+    return values
+
+
+def check_schedule(cfg: TrainConfig, checkpoint: Path, new_schedule: bool) -> list[str]:
+    """The schedule settings (SCHEDULE_KEYS) that differ from those `checkpoint` was trained with;
+    a RunError naming them unless `new_schedule`. Resuming with another `steps` would silently
+    move the cosine (and HRM's bp warm-up) under the steps left."""
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    changed = [f"{key}={_setting(saved, key)} -> {_setting(cfg, key)}" for key in SCHEDULE_KEYS
+               if _setting(saved, key) is not None and _setting(saved, key) != _setting(cfg, key)]
+    if changed and not new_schedule:
+        step = int(checkpoint.name.split("_")[1])
+        old = dataclasses.replace(cfg, **{k: saved[k] for k in SCHEDULE_KEYS if k in saved})
+        then, now = lr_at(step, old), lr_at(step, cfg)
+        example = f" (lr of step {step + 1}: {now:.3g} instead of {then:.3g})" if then != now \
+            else ""
+        raise RunError(
+            f"{checkpoint} was trained on another schedule ({', '.join(changed)}): the steps "
+            f"left would follow the new one{example}. Resume with the run's settings, or pass "
+            f"--new-schedule to continue on the new schedule deliberately")
+    return changed
+
+
 def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | None = None,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, new_schedule: bool = False) -> dict:
     """Train `cfg` to its last step (resuming or starting over as asked), save the final
     checkpoint and evaluate on the held-out data. Prints progress on rank 0; returns
-    {"checkpoint", "eval" (or None), "elapsed_s"}."""
+    {"checkpoint", "eval" (or None), "elapsed_s", "stopped" (the signal's name, or None)}.
+
+    The run holds `run_dir`'s lock throughout (a second trainer is refused, nothing deleted). A
+    first SIGTERM/SIGINT during training ends it after the current step with a checkpoint and no
+    evaluation; a second one stops at once. `new_schedule` allows resuming with other
+    SCHEDULE_KEYS (the learning rate then follows the new settings from the resumed step on)."""
     dist = setup(cfg.device)
     if cfg.max_threads:
         torch.set_num_threads(cfg.max_threads)
     elif dist.device.type == "cpu" and cfg.model.hidden <= 256:
         torch.set_num_threads(1)
+    lock = None
     try:
-        ckpt_root = Path(cfg.run_dir) / "checkpoints"
+        if overwrite and (resume or resume_from):
+            raise RunError("--overwrite starts over and --resume continues: pass one of them")
+        check_capacity_fits(cfg, dist.device)
+        say = print if dist.is_main else (lambda *a, **k: None)
+        lock = lock_run_dir(cfg.run_dir, dist.rank)
+        if lock is not None and lock.stale:
+            print(f"prefixlm: warning: taking over {lock.path}: its holder, pid "
+                  f"{lock.stale.get('pid', '?')} on host {lock.stale.get('host', '?')}, ended "
+                  "without releasing it", file=sys.stderr)
+        run_dir = Path(cfg.run_dir)
+        ckpt_root = run_dir / "checkpoints"
+        if dist.is_main:
+            remove_leftovers(ckpt_root)
         existing = complete_checkpoints(ckpt_root)
-        if overwrite and dist.is_main:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-            (Path(cfg.run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        if overwrite:
+            if dist.is_main:
+                remove_checkpoints(ckpt_root)
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            barrier()
             existing = []
-        if existing and not (resume or resume_from) and not overwrite:
+        if existing and not (resume or resume_from):
             raise RunError(f"{cfg.run_dir} already holds checkpoints (newest {existing[-1].name}); "
                            f"pass --resume to continue it, --overwrite to start over, or "
                            f"run_dir=OTHER")
@@ -210,11 +279,10 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
                                              cfg.eval_max_samples)
         trainer = Trainer(cfg, dist, data.train_loader, eval_batches=eval_batches,
                           tokenizer=data.tokenizer, initialize=not resuming)
-        say = print if dist.is_main else (lambda *a, **k: None)
         say(f"prefixlm train: {cfg.model.preset} model ({cfg.model.arch}, "
             f"{trainer.model.num_params() / 1e6:.2f}M params) on {dist.device} x{dist.world_size}, "
             f"{cfg.steps} steps of {cfg.capacity * cfg.grad_accum * dist.world_size} tokens; "
-            f"data {data.train_path}; logs {Path(cfg.run_dir) / 'metrics.jsonl'}", flush=True)
+            f"data {data.train_path}; logs {run_dir / 'metrics.jsonl'}", flush=True)
         if source is not None and not resuming:
             say(f"initialized from {source.path} (weights only)", flush=True)
         for line in data.notes:
@@ -222,16 +290,32 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
         if resume or resume_from:
             if resuming:
                 path = trainer.resume(resume_from)
-                say(f"resumed from {path} (step {trainer.step})", flush=True)
+                changed = check_schedule(cfg, path, new_schedule)
+                say(f"resumed from {path} (step {trainer.step})"
+                    + (f" on a new schedule ({', '.join(changed)})" if changed else ""), flush=True)
             else:
                 say(f"no checkpoint in {ckpt_root} yet: starting from step 0", flush=True)
-        try:
-            trainer.fit()
-        except NonFiniteLossError as exc:
-            raise RunError(str(exc)) from None
-        if trainer.last_checkpoint is None or trainer.step != int(
-                trainer.last_checkpoint.name.split("_")[1]):
-            trainer.save()
+        # From the first step until the last checkpoint is written, a stop signal costs at most
+        # the step in progress; after it, signals act as usual (the evaluation is not worth a
+        # wait).
+        with GracefulStop() as stop:
+            trainer.stop = stop
+            try:
+                trainer.fit()
+                if trainer.last_checkpoint is None or trainer.step != int(
+                        trainer.last_checkpoint.name.split("_")[1]):
+                    trainer.save()
+            except (NonFiniteLossError, NonFiniteWeightError) as exc:
+                raise RunError(str(exc)) from None
+            # A signal after the last step's vote reached only some ranks: agree once more.
+            stopped = all_reduce(torch.tensor([float(stop.requested)])).item() > 0
+        if stopped:
+            trainer.close()
+            why = stop.signal_name or "a stop signal on another rank"
+            say(f"prefixlm train: stopped by {why} after step {trainer.step}; checkpoint: "
+                f"{trainer.last_checkpoint} (continue with --resume)", flush=True)
+            return {"checkpoint": trainer.last_checkpoint, "eval": None,
+                    "elapsed_s": time.perf_counter() - started, "stopped": why}
         result = trainer.evaluate()
         trainer.close()
         elapsed = time.perf_counter() - started
@@ -250,6 +334,9 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
         say(f"checkpoint: {trainer.last_checkpoint}")
         say(f"done in {elapsed:.0f}s. Try: prefixlm generate --checkpoint {cfg.run_dir} "
             f"--prompt \"reverse hello\"")
-        return {"checkpoint": trainer.last_checkpoint, "eval": result, "elapsed_s": elapsed}
+        return {"checkpoint": trainer.last_checkpoint, "eval": result, "elapsed_s": elapsed,
+                "stopped": None}
     finally:
+        if lock is not None:
+            lock.release()
         teardown()

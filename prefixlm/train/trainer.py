@@ -27,14 +27,24 @@ from .init_from import load_initial_weights
 from .distributed import Dist, all_reduce, reshard_all, shard_model
 from .metrics import MetricsLog, batch_stats, peak_flops
 
-__all__ = ["Trainer", "NonFiniteLossError", "lr_at", "evaluate", "autocast_for",
-           "release_memory"]
+__all__ = ["Trainer", "NonFiniteLossError", "NonFiniteWeightError", "lr_at", "SCHEDULE_KEYS",
+           "evaluate", "autocast_for", "release_memory"]
 
 _STAT_KEYS = ("ce_sum", "tokens", "correct", "samples", "exact")
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or gradient norm) became NaN/inf; the optimizer step was not taken."""
+
+
+class NonFiniteWeightError(RuntimeError):
+    """A weight became NaN/inf (e.g. a learning rate far too high); no checkpoint was written."""
+
+
+# The settings `lr_at` and the bp warm-up (`bp_steps_at`) read: changing one on resume changes the
+# learning rate or the differentiated stack calls of the steps left.
+SCHEDULE_KEYS = ("steps", "warmup_steps", "lr", "min_lr_ratio", "model.bp_min_steps",
+                 "model.bp_max_steps", "model.bp_warmup_ratio")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -177,6 +187,10 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.last_checkpoint: Path | None = None
+        # Set to a signals.GracefulStop to stop (after a checkpoint) when a rank asks; `stopped`
+        # then holds the step at which the ranks agreed to.
+        self.stop = None
+        self.stopped: int | None = None
         self.peak = peak_flops(self.device, cfg.peak_tflops)
         self._setup_evaluation(tokenizer)
         sinks = []
@@ -188,7 +202,23 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1 + dist.rank)  # per-rank stream for anything sampled later
 
     # -- checkpoints -------------------------------------------------------------------------
+    def check_weights(self):
+        """Raise NonFiniteWeightError naming the first parameter (or EMA tensor) that holds a NaN
+        or inf, on every rank (one all-reduce over per-tensor flags of the local shards)."""
+        tensors = list(self.model.named_parameters())
+        if self.ema is not None:
+            tensors += [(f"ema.{name}", t) for name, t in self.ema.shadow.items()]
+        bad = torch.stack([~torch.isfinite(_local(t.detach())).all() for _, t in tensors]).float()
+        bad = all_reduce(bad, "max").cpu()
+        if bad.any():
+            name = tensors[int(bad.nonzero()[0])][0]
+            raise NonFiniteWeightError(
+                f"{name} holds NaN/inf after step {self.step}; stopped before saving "
+                f"checkpoint step_{self.step:08d} (the last checkpoint is "
+                f"{self.last_checkpoint or 'none'}). Lower lr or check the data.")
+
     def save(self) -> Path:
+        self.check_weights()
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer,
                                     self.ema.shadow if self.ema else None,
                                     self.loader.state_dict(), self.dist.rank,
@@ -241,14 +271,20 @@ class Trainer:
             rows += batch.info.total
             flops += step_flops(cfg.model, batch.info.total, useful_pairs(batch.info),
                                 None if head_rows is None else len(head_rows), model.bp_steps)
-        all_reduce(totals)
+        # Ranks asking to stop (a SIGTERM) ride on the statistics' all-reduce: every rank reads the
+        # same sum, so all stop after the same step.
+        stop_vote = totals.new_zeros(1)
+        if self.stop is not None and self.stop.requested:
+            stop_vote += 1
+        totals = all_reduce(torch.cat([totals, stop_vote]))
         # The norm is queued before the host reads anything, so one sync serves the statistics
         # and the norm, and the GPU does not wait for the host to launch the clip between them.
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        *sums, grad_norm = torch.cat([totals, grad_norm.to(totals).reshape(1)]).tolist()
+        *sums, stop_votes, grad_norm = torch.cat([totals, grad_norm.to(totals).reshape(1)]
+                                                 ).tolist()
         values = dict(zip(_STAT_KEYS, sums))  # the one host sync of the step
         if int(values["tokens"]) != int(global_tokens.item()):
             self.optimizer.zero_grad(set_to_none=True)
@@ -277,7 +313,7 @@ class Trainer:
         return {"loss": loss, "token_acc": values["correct"] / max(values["tokens"], 1),
                 "exact_acc": values["exact"] / samples, "grad_norm": grad_norm,
                 "tokens": int(values["tokens"]), "rows": rows, "flops": flops,
-                "bp_steps": model.bp_steps}
+                "bp_steps": model.bp_steps, "stop": stop_votes > 0}
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, progress=None, until: int | None = None) -> list[dict]:
@@ -287,6 +323,7 @@ class Trainer:
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        self.log.start(self.step)
         iterator = iter(self.loader)
         bar = None
         if progress is None:
@@ -324,11 +361,16 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['token_acc']:.3f}",
                                     lr=f"{lr:.1e}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                # A stop request skips the evaluation: the grace period before a scheduler's
+                # kill is for the checkpoint.
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and not stats["stop"]:
                     self.evaluate()
-                if ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == last) \
-                        and self._saved_step() != self.step:
+                if ((cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == last
+                        or stats["stop"]) and self._saved_step() != self.step:
                     self.save()
+                if stats["stop"]:
+                    self.stopped = self.step
+                    break
         finally:
             if bar is not None:
                 bar.close()

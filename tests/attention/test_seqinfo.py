@@ -55,6 +55,30 @@ def test_invalid_lengths_raise_value_error(kwargs, message):
         SeqInfo.from_lengths(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prefix_lens=[2**62, 2**62], causal_lens=[2**62, 2**62]),
+     r"prefix_lens\[0\] = 4611686018427387904 does not fit the int32 offsets"),
+    (dict(prefix_lens=[2**30, 2**30], causal_lens=[0, 0]), "total tokens 2147483648 do not fit"),
+    (dict(prefix_lens=[1], causal_lens=[2**31]), r"causal_lens\[0\] = 2147483648 does not fit"),
+    (dict(prefix_lens=[1], causal_lens=[1], capacity=2**31), r"must be in \[0, 2\*\*31\)"),
+    (dict(prefix_lens=[1], causal_lens=[1], capacity=8, max_samples=2**31), "must be < 2\\*\\*31"),
+])
+def test_lengths_beyond_int32_fail_before_allocating(kwargs, message):
+    """Guards lengths whose int64 sum wraps (2**62 * 4 summed to a negative total that passed)
+    and a capacity of 2**31 that allocated 48 GiB of slot arrays before its int32 check: each is
+    a ValueError before any allocation of the batch's size."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=message):
+            SeqInfo.from_lengths(**kwargs)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak
+
+
 @pytest.mark.parametrize("cu, prefix, message", [
     ([0, 5, 3], [1, 0], "non-decreasing"),
     ([1, 5], [1], "start with 0"),

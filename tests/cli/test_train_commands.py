@@ -37,12 +37,19 @@ def test_train_writes_config_logs_and_a_self_contained_checkpoint(run_dir, capsy
 
 
 def test_existing_run_needs_resume_and_resume_continues(run_dir, capsys):
-    """Guards silently overwriting a run, and --resume restarting from 0."""
+    """Guards silently overwriting a run, --resume restarting from 0, and a resume with another
+    `steps` silently moving the learning-rate schedule under the steps left (refused, unless
+    --new-schedule asks for it)."""
     assert main(["train", f"run_dir={run_dir}", *TINY]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(["train", "--resume", f"run_dir={run_dir}", *TINY, "steps=8"]) == 0
+    assert main(["train", "--resume", f"run_dir={run_dir}", *TINY, "steps=8"]) == 2
+    err = capsys.readouterr().err
+    assert "steps=6 -> 8" in err and "--new-schedule" in err and err.count("\n") == 1
+    assert not (run_dir / "checkpoints" / "step_00000007").exists()
+    assert main(["train", "--resume", "--new-schedule", f"run_dir={run_dir}", *TINY,
+                 "steps=8"]) == 0
     out = capsys.readouterr().out
-    assert "resumed from" in out and "step 6" in out
+    assert "resumed from" in out and "step 6" in out and "steps=6 -> 8" in out
     assert "step_00000008" in out
 
 
@@ -201,3 +208,162 @@ def test_train_on_foreign_folders_as_they_are(hrm_fixtures, tmp_path, capsys, wh
     assert tok.encode_prefix("hi")[:2] == [tok.inst_begin_id, tok.condition_ids["direct"]]
     assert main(["generate", "--checkpoint", str(run), "--prompt", "What is two plus two?",
                  "--max-new-tokens", "2"]) == 0
+
+
+def _one_error_line(err: str, command: str) -> str:
+    """The single `prefixlm COMMAND: error: ...` line that is all of `err`."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"prefixlm {command}: error: "), err
+    return lines[0]
+
+
+def test_run_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    """Guards a confusing error about a data/ subfolder when run_dir names a file: the line says
+    run_dir is a file, and the file is left alone."""
+    path = tmp_path / "notes.txt"
+    path.write_text("keep me")
+    assert main(["train", f"run_dir={path}", *TINY]) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert f"run_dir {path} is a file, not a directory" in line
+    assert path.read_text() == "keep me"
+
+
+def _make_read_only(path):
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return lambda: path.chmod(0o755)
+    # root ignores modes: the immutable attribute stops it.
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a directory read-only as root here: {done.stderr!r}")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_read_only_run_dir_is_one_line(tmp_path, capsys):
+    """Guards a traceback when run_dir cannot be written: one line naming the path inside it,
+    exit 2."""
+    run = tmp_path / "run"
+    run.mkdir()
+    undo = _make_read_only(run)
+    try:
+        assert main(["train", f"run_dir={run}", *TINY]) == 2
+    finally:
+        undo()
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert str(run) in line and ("not permitted" in line or "denied" in line), line
+
+
+def _no_space(*args, **kwargs):
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["shard", "rank file", "commit"])
+def test_disk_full_during_a_checkpoint_save_is_one_line(tmp_path, capsys, monkeypatch, where):
+    """Guards a DCP CheckpointException traceback (a BaseException no handler catches) when the
+    disk fills during a save: one line naming the checkpoint being written and what to do, exit
+    2, the half-written folder removed (it holds the space) and the previous checkpoint intact."""
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    from prefixlm.train import checkpoint as ckpt
+
+    args = ["train", f"run_dir={tmp_path}", *TINY, "steps=6", "ckpt_every=3"]
+    if where == "shard":
+        real = dcp_fs._write_item
+        monkeypatch.setattr(dcp_fs, "_write_item", lambda *a, **k: (
+            _no_space() if "step_00000006" in str(a[1].name) else real(*a, **k)))
+    else:
+        real_write = ckpt.write_bytes
+        name = "COMMIT" if where == "commit" else "rank00000.pt"
+
+        def write_bytes(path, data):
+            if "step_00000006" in str(path) and path.name == name:
+                _no_space()
+            real_write(path, data)
+
+        monkeypatch.setattr(ckpt, "write_bytes", write_bytes)
+    assert main(args) == 2
+    line = _one_error_line(capsys.readouterr().err, "train")
+    root = tmp_path / "checkpoints"
+    assert f"No space left on device: {root / '.tmp-step_00000006'}" in line, line
+    assert "free some space" in line
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003"]
+    assert ckpt.verify(root / "step_00000003") is None
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("--temperature", "nan", "temperature must be finite and >= 0"),
+    ("--temperature", "-1", "temperature must be finite and >= 0"),
+    ("--temperature", "inf", "temperature must be finite and >= 0"),
+    ("--top-p", "0", r"top_p must be in \(0, 1\]"),
+    ("--top-p", "1.5", r"top_p must be in \(0, 1\]"),
+    ("--top-p", "nan", r"top_p must be in \(0, 1\]"),
+    ("--max-new-tokens", "0", "--max-new-tokens must be >= 1"),
+])
+def test_out_of_range_generation_arguments_are_one_line(run_dir, capsys, flag, value, match):
+    """Guards torch's RuntimeError tracebacks from sampling with NaN temperature or top_p 0 (an
+    empty nucleus), and silent empty output for --max-new-tokens 0."""
+    args = ["generate", "--checkpoint", str(run_dir), "--prompt", "sum 12", "--temperature",
+            "0.7", flag, value]
+    assert main(args) == 2
+    import re
+
+    assert re.search(match, _one_error_line(capsys.readouterr().err, "generate"))
+
+
+def test_export_to_a_file_is_refused(run_dir, tmp_path, capsys):
+    """Guards export writing into (or failing deep inside) a path that is a file, with or
+    without --overwrite: one line saying so, the file untouched."""
+    target = tmp_path / "model.bin"
+    target.write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        assert main(["export", "--checkpoint", str(run_dir), "--out", str(target), *extra]) == 2
+        line = _one_error_line(capsys.readouterr().err, "export")
+        assert f"output {target} is a file" in line
+    assert target.read_text() == "keep me"
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(run_dir, tmp_path, capsys):
+    """Guards `export --overwrite` deleting whatever folder --out names (a project folder, say):
+    only an earlier hrm_text export is replaced; any other non-empty folder is refused, kept."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("keep me")
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(project),
+                 "--overwrite"]) == 2
+    assert "is not an hrm_text export" in _one_error_line(capsys.readouterr().err, "export")
+    assert (project / "notes.txt").read_text() == "keep me"
+    out = tmp_path / "export"
+    for _ in range(2):  # the second replaces the first
+        assert main(["export", "--checkpoint", str(run_dir), "--out", str(out),
+                     "--overwrite"]) == 0
+    assert (out / "config.json").is_file()
+
+
+def test_eval_max_samples_negative_is_refused(run_dir, capsys):
+    """Guards `--max-samples -1` evaluating an arbitrary subset (26 of 50 samples) and reporting
+    it as the result."""
+    assert main(["eval", "--checkpoint", str(run_dir), "--max-samples", "-1"]) == 2
+    assert "--max-samples must be >= 0 (0: every sample), got -1" in _one_error_line(
+        capsys.readouterr().err, "eval")
+
+
+def test_corrupt_config_in_a_checkpoint_is_one_line(run_dir, tmp_path, capsys):
+    """Guards a YAML traceback from eval/generate/export on a checkpoint whose config.yaml is
+    damaged: one line naming the checkpoint and the file."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    step = sorted((copy / "checkpoints").glob("step_*"))[-1]
+    (step / "config.yaml").write_text("{{{ not yaml")
+    for command in (["eval"], ["generate", "--prompt", "x"], ["export", "--out",
+                                                              str(tmp_path / "out")]):
+        assert main([command[0], "--checkpoint", str(copy), *command[1:]]) == 2
+        line = _one_error_line(capsys.readouterr().err, command[0])
+        assert f"checkpoint {step} is not usable: file config.yaml" in line, line

@@ -311,14 +311,6 @@ def test_flex_blocks_compile_to_one_graph():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def _gpu_reason(backend):
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    from twopass import gpu_reason
-
-    return gpu_reason(backend)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["transformer", "hrm"])
 @pytest.mark.parametrize("backend", ["triton", "cudnn", "fa3", "flex"])
@@ -327,7 +319,9 @@ def test_gpu_backends_train_the_fused_layout_in_bf16(backend, arch):
     gqkv_proj's output with rows of (2*heads + 2*kv_heads) * head_dim elements, GQA 2:1, head dim
     128): under bf16 autocast their logits and gradients match the sdpa backend's within bf16
     noise."""
-    reason = _gpu_reason(backend)
+    from attentionhelpers import gpu_reason
+
+    reason = gpu_reason(backend)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
     torch.manual_seed(0)

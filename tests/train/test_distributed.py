@@ -1,5 +1,6 @@
 """Two gloo processes with FSDP2 on CPU against one process on the same global batch."""
 
+import errno
 import json
 import os
 import subprocess
@@ -66,7 +67,8 @@ def test_torchrun_prefixlm_train_cli(tmp_path):
     assert "held-out exact match" in done.stdout
     assert (tmp_path / "checkpoints" / "step_00000003" / "rank00001.pt").is_file()
     # --resume under torchrun: every rank agrees on the checkpoint through a collective.
-    done = _torchrun(["-m", "prefixlm", "train", "--resume", f"run_dir={tmp_path}", "steps=5",
+    done = _torchrun(["-m", "prefixlm", "train", "--resume", "--new-schedule",
+                      f"run_dir={tmp_path}", "steps=5",
                       "synthetic_train=300", "synthetic_eval=40", "capacity=512",
                       "model.hidden=32", "model.heads=2", "progress=false"])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -160,3 +162,54 @@ def test_torchrun_training_with_evaluation_wandb_and_checkpointing(tmp_path):
     assert (run_dir / "checkpoints" / "best" / "best.json").is_file()
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
     assert "task mmlu: acc" in done.stdout
+
+
+SAVE_FAILS_ON_RANK_1 = """
+import errno, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import torch
+from prefixlm.train import checkpoint
+from prefixlm.train.distributed import setup, teardown
+from dist_worker import DIST_CONFIG
+from prefixlm.train.config import load_config
+from prefixlm.train.trainer import Trainer
+from prefixlm.data.synthetic import make_samples
+from trainhelpers import ListLoader, encode
+
+real = checkpoint.write_bytes
+def write_bytes(path, data):
+    if path.name == "rank00001.pt":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real(path, data)
+checkpoint.write_bytes = write_bytes
+torch.set_num_threads(1)
+dist = setup("cpu")
+cfg = load_config(None, DIST_CONFIG + [f"run_dir={sys.argv[1]}", "steps=2", "ckpt_every=2"])
+loader = ListLoader(encode(make_samples(400, 0)), cfg.capacity, rank=dist.rank,
+                    world_size=dist.world_size)
+try:
+    Trainer(cfg, dist, loader).fit()
+except OSError as exc:
+    Path(sys.argv[1], f"error{dist.rank}").write_text(str(exc))
+finally:
+    teardown()
+"""
+
+
+def test_a_save_failing_on_one_rank_fails_on_every_rank(tmp_path):
+    """Guards a hang when one rank cannot write its part of a checkpoint (disk full on its node):
+    the ranks exchange their errors, so rank 1 raises its own and rank 0 one naming rank 1, both
+    naming the checkpoint, and the temporary folder is removed."""
+    script = tmp_path / "worker.py"
+    script.write_text(SAVE_FAILS_ON_RANK_1)
+    run_dir = tmp_path / "run"
+    done = _torchrun([str(script), str(run_dir), str(HERE)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    tmp = run_dir / "checkpoints" / ".tmp-step_00000002"
+    error1 = (run_dir / "error1").read_text()
+    assert error1.startswith(f"[Errno {errno.ENOSPC}] No space left on device"), error1
+    assert str(tmp) in error1
+    rank0 = (run_dir / "error0").read_text()
+    assert "rank 1 could not save its part of the checkpoint (" in rank0 and str(tmp) in rank0
+    assert list((run_dir / "checkpoints").iterdir()) == []

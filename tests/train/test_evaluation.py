@@ -149,3 +149,18 @@ def test_evaluation_settings_are_checked(tmp_path, prepared_dir):
         trainer.evaluate()
     with pytest.raises(ValueError, match="best_metric names an evaluation metric"):
         small_config(tmp_path, "best_metric=loss")
+
+
+def test_overwrite_removes_the_previous_runs_best_checkpoint(tmp_path, capsys):
+    """Guards `prefixlm train --overwrite` keeping checkpoints/best of the run it replaces: a
+    later `eval --checkpoint RUN/checkpoints/best` or a resume would read weights of a run that
+    no longer exists. Every checkpoint of the old run goes, the best one included."""
+    tiny = ["synthetic_train=200", "synthetic_eval=20", "capacity=512", "model.hidden=32",
+            "model.heads=2", "model.layers=1", "model.ffn_hidden=64", "progress=false",
+            "tensorboard=false", "steps=2", f"run_dir={tmp_path}"]
+    assert main(["train", *tiny, "eval_every=1", "best_metric=eval/loss"]) == 0
+    assert read_best(tmp_path / "checkpoints") is not None
+    assert main(["train", "--overwrite", *tiny]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]
+    assert read_best(tmp_path / "checkpoints") is None

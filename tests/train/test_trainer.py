@@ -6,7 +6,7 @@ import torch
 from prefixlm.data.loader import Batch, supervised_rows
 from prefixlm.data.synthetic import make_samples
 from prefixlm.model.flops import step_flops, useful_pairs
-from prefixlm.train.trainer import NonFiniteLossError, Trainer
+from prefixlm.train.trainer import NonFiniteLossError, NonFiniteWeightError, Trainer
 from trainhelpers import CPU, VOCAB, ListLoader, encode, pack, small_config, trainer_on
 
 
@@ -67,6 +67,44 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, prepared_dir)
         assert torch.equal(p, before[name]) or name == "lm_head.weight"
     assert torch.equal(trainer.model.lm_head.weight[1:], before["lm_head.weight"][1:])
     assert torch.equal(trainer.optimizer.state_dict()["state"][0]["exp_avg"], moments)
+
+
+def test_infinite_lr_never_writes_a_checkpoint(tmp_path, prepared_dir):
+    """Guards a poisoned checkpoint: with lr=inf (past validation) the loss and gradient of step 1
+    are finite, the step makes every weight NaN/inf, and the old trainer saved that checkpoint
+    (which eval and export then accepted). The check after the optimizer step stops before the
+    save, naming the first bad tensor."""
+    cfg = small_config(tmp_path, "steps=4", "ckpt_every=1")
+    cfg.lr = float("inf")
+    trainer = trainer_on(cfg, prepared_dir)
+    first = next(name for name, _ in trainer.model.named_parameters())
+    with pytest.raises(NonFiniteWeightError, match=rf"^{first} holds NaN/inf after step 1; "
+                                                   r"stopped before saving"):
+        trainer.fit()
+    assert not list((tmp_path / "checkpoints").glob("step_*"))
+
+
+def test_non_finite_weight_check_names_the_first_bad_tensor(tmp_path, prepared_dir):
+    """Guards a weight check that names the wrong tensor or misses the EMA: with two poisoned
+    weights the message names the earlier one in parameter order, with only an EMA tensor
+    poisoned it names that (`ema.` + name); a clean model saves."""
+    trainer = trainer_on(small_config(tmp_path, "steps=2", "ckpt_every=0"), prepared_dir)
+    trainer.fit(until=1)
+    names = [name for name, _ in trainer.model.named_parameters()]
+    params = dict(trainer.model.named_parameters())
+    with torch.no_grad():
+        params[names[-1]].view(-1)[3] = float("inf")
+        params[names[2]].view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteWeightError, match=rf"^{names[2]} holds NaN/inf"):
+        trainer.save()
+    with torch.no_grad():
+        params[names[-1]].view(-1)[3] = 0.0
+        params[names[2]].view(-1)[0] = 0.0
+        trainer.ema.shadow[names[1]].view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteWeightError, match=rf"^ema\.{names[1]} holds NaN/inf"):
+        trainer.save()
+    trainer.ema.shadow[names[1]].view(-1)[0] = 0.0
+    assert trainer.save().name == "step_00000001"
 
 
 

@@ -4,24 +4,16 @@ Batches are random on every run (a fresh seed each session, printed on failure) 
 edge lengths, prefix choices, zero-causal samples, padding tails, GQA/MQA and both head dims.
 """
 
-import os
-import random
 
 import pytest
 import torch
 
+from attentionhelpers import SESSION_SEED, assert_stats_ok
 from prefixlm.attention.verify import BATCH_KINDS, check_backend, make_case
 
-SESSION_SEED = int(os.environ.get("PREFIXLM_TEST_SEED", random.SystemRandom().randrange(2**31)))
 CPU_BACKENDS = ("sdpa", "flex")
 # FlexAttention has no backward on CPU: its forward is checked here, its backward on the GPU.
 GRAD_ON_CPU = {"sdpa": True, "flex": False}
-
-
-def _assert_ok(stats, backend, case):
-    bad = [str(s) for s in stats if not s.ok]
-    assert not bad, (f"backend={backend} kind={case.kind} seed={case.seed} "
-                     f"(rerun with PREFIXLM_TEST_SEED={SESSION_SEED}):\n" + "\n".join(bad))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -38,7 +30,7 @@ def test_batch_kinds_fp64(backend, kind):
     wanders around 2)."""
     case = make_case(kind, SESSION_SEED + BATCH_KINDS.index(kind), num_q_heads=2, num_kv_heads=2,
                      head_dim=64, dtype=torch.float64)
-    _assert_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), backend, case)
+    assert_stats_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), case, backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -48,7 +40,7 @@ def test_batch_kinds_fp32(backend, kind):
     fp64 oracle with the same rule (its absolute floor admits fp32 rounding of exact zeros)."""
     case = make_case(kind, SESSION_SEED + 100 + BATCH_KINDS.index(kind), num_q_heads=4,
                      num_kv_heads=2, head_dim=64, dtype=torch.float32)
-    _assert_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), backend, case)
+    assert_stats_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), case, backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -60,7 +52,7 @@ def test_low_precision_gqa_head_dims(backend, dtype, heads, head_dim):
     mapping or an fp16/bf16 accumulation error beyond what PyTorch itself makes fails here."""
     case = make_case("random", SESSION_SEED + head_dim + 7 * heads[0], num_q_heads=heads[0],
                      num_kv_heads=heads[1], head_dim=head_dim, dtype=dtype, max_len=300)
-    _assert_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), backend, case)
+    assert_stats_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), case, backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -68,7 +60,7 @@ def test_softmax_scale_and_no_padding(backend):
     """Guards a custom softmax_scale being ignored, and capacity == total (no padding tail)."""
     case = make_case("edge_mix", SESSION_SEED + 11, num_q_heads=2, num_kv_heads=1, head_dim=64,
                      padding=False, max_len=129, dtype=torch.bfloat16)
-    _assert_ok(check_backend(backend, case, softmax_scale=0.3, grad=GRAD_ON_CPU[backend]), backend, case)
+    assert_stats_ok(check_backend(backend, case, softmax_scale=0.3, grad=GRAD_ON_CPU[backend]), case, backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -80,7 +72,7 @@ def test_non_contiguous_inputs(backend):
     fused = torch.cat([case.q, case.k, case.v], dim=1)     # (T, 6, D)
     case.q, case.k, case.v = fused[:, :2], fused[:, 2:4], fused[:, 4:]
     assert not case.q.is_contiguous()
-    _assert_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), backend, case)
+    assert_stats_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), case, backend)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -90,7 +82,7 @@ def test_every_sample_zero_causal_gives_exact_zero_causal_work(backend):
     case = make_case("all_zero_causal", SESSION_SEED + 3, num_q_heads=2, num_kv_heads=2,
                      head_dim=64, dtype=torch.float16)
     assert case.info.max_causal == 0
-    _assert_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), backend, case)
+    assert_stats_ok(check_backend(backend, case, grad=GRAD_ON_CPU[backend]), case, backend)
 
 
 def test_empty_batch():

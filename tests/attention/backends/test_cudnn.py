@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from twopass import (LSE_KINDS, SESSION_SEED, expected_lse_rows,
+from attentionhelpers import SESSION_SEED, assert_stats_ok, gpu_only
+from twopass import (LSE_KINDS, expected_lse_rows,
                      lone_tiny_samples_meet_the_rule, lse_batch, opcheck_edge_mix, stand_in_lse)
 
 from prefixlm.attention import AttentionInputs
@@ -217,21 +218,7 @@ def test_registered():
 # GPU: the cuDNN graphs
 # --------------------------------------------------------------------------------------------------
 
-def _gpu_reason():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    q = torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda")
-    return backend.unavailable_reason(AttentionInputs.of(q, q, q))
-
-
-_REASON = _gpu_reason()
-gpu = pytest.mark.skipif(_REASON is not None, reason=f"cudnn backend unavailable: {_REASON}")
-
-
-def _assert_ok(stats, case):
-    bad = [str(s) for s in stats if not s.ok]
-    assert not bad, (f"kind={case.kind} seed={case.seed} (rerun with PREFIXLM_TEST_SEED="
-                     f"{SESSION_SEED}):\n" + "\n".join(bad))
+gpu = gpu_only("cudnn", head_dim=64)
 
 
 # Every kind, "single" included: its lone 1-2 token samples once missed the dQ bound (cuDNN's
@@ -251,7 +238,7 @@ def test_gpu_matches_reference(kind, heads, head_dim):
     case = make_case(kind, SESSION_SEED + 17 * GPU_KINDS.index(kind) + head_dim,
                      num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim, dtype=dtype,
                      device="cuda", max_len=1100)
-    _assert_ok(check_backend("cudnn", case), case)
+    assert_stats_ok(check_backend("cudnn", case), case)
 
 
 @gpu
@@ -262,7 +249,7 @@ def test_gpu_non_contiguous_and_scale():
     fused = torch.cat([case.q, case.k, case.v], dim=1)
     case.q, case.k, case.v = fused[:, :4], fused[:, 4:6], fused[:, 6:]
     assert not case.q.is_contiguous()
-    _assert_ok(check_backend("cudnn", case, softmax_scale=0.05), case)
+    assert_stats_ok(check_backend("cudnn", case, softmax_scale=0.05), case)
 
 
 @gpu

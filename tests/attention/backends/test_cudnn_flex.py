@@ -10,8 +10,6 @@ tests skip with the reason when CUDA, an sm90/sm100 GPU, the frontend or the CuT
 
 from __future__ import annotations
 
-import os
-import random
 import sys
 import types
 
@@ -19,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from attentionhelpers import SESSION_SEED, assert_stats_ok, gpu_only
 from prefixlm import SeqInfo, prefixlm_attention
 from prefixlm.attention import AttentionInputs
 from prefixlm.attention.backends import cudnn_flex as backend
@@ -28,7 +27,6 @@ from prefixlm.attention.seqinfo import BatchMeta
 from prefixlm.attention.verify import (BATCH_KINDS, EDGE_LENGTHS, Case, check_backend, make_case,
                                         random_lengths)
 
-SESSION_SEED = int(os.environ.get("PREFIXLM_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
 def _dense_from_ends(ends, lens):
@@ -336,21 +334,7 @@ def test_empty_batch_never_reaches_the_library(stand_in):
 # GPU: the library's kernels
 # --------------------------------------------------------------------------------------------------
 
-def _gpu_reason():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    q = torch.zeros(1, 1, 128, dtype=torch.bfloat16, device="cuda")
-    return backend.unavailable_reason(AttentionInputs.of(q, q, q))
-
-
-_REASON = _gpu_reason()
-gpu = pytest.mark.skipif(_REASON is not None, reason=f"cudnn_flex unavailable: {_REASON}")
-
-
-def _assert_ok(stats, case):
-    bad = [str(s) for s in stats if not s.ok]
-    assert not bad, (f"kind={case.kind} seed={case.seed} (rerun with PREFIXLM_TEST_SEED="
-                     f"{SESSION_SEED}):\n" + "\n".join(bad))
+gpu = gpu_only("cudnn_flex", head_dim=128)
 
 
 @gpu
@@ -365,7 +349,7 @@ def test_gpu_matches_reference(kind, heads, head_dim):
     case = make_case(kind, SESSION_SEED + 17 * BATCH_KINDS.index(kind) + head_dim,
                      num_q_heads=heads[0], num_kv_heads=heads[1], head_dim=head_dim,
                      dtype=torch.bfloat16, device="cuda", max_len=1100, nan_padding=True)
-    _assert_ok(check_backend("cudnn_flex", case), case)
+    assert_stats_ok(check_backend("cudnn_flex", case), case)
 
 
 @gpu
@@ -375,7 +359,7 @@ def test_gpu_fp16_and_fused_layout(kind):
     """fp16, and q/k/v as views of an unpadded fused projection (copied to aligned rows)."""
     case = make_case(kind, SESSION_SEED + 3, num_q_heads=8, num_kv_heads=8, head_dim=128,
                      dtype=torch.float16, device="cuda", layout="unaligned", nan_padding=True)
-    _assert_ok(check_backend("cudnn_flex", case), case)
+    assert_stats_ok(check_backend("cudnn_flex", case), case)
 
 
 @gpu
@@ -388,7 +372,7 @@ def test_gpu_lone_tiny_samples_meet_the_rule():
         info = SeqInfo.from_lengths([p], [c], capacity=p + c + 3, device="cuda")
         q, k, v, dout = (torch.randn(p + c + 3, h, 128, generator=gen).to("cuda", torch.bfloat16)
                          for h in (8, 1, 1, 8))
-        _assert_ok(check_backend("cudnn_flex", Case(q, k, v, dout, info, SESSION_SEED, "single")),
+        assert_stats_ok(check_backend("cudnn_flex", Case(q, k, v, dout, info, SESSION_SEED, "single")),
                    Case(q, k, v, dout, info, SESSION_SEED, f"p{p}c{c}"))
 
 

@@ -13,14 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from twopass import (LSE_KINDS, SESSION_SEED, expected_lse_rows, gpu_reason,
-                     lone_tiny_samples_meet_the_rule, lse_batch, opcheck_edge_mix, stand_in_lse)
+from attentionhelpers import SESSION_SEED, gpu_only
+from twopass import (LSE_KINDS, expected_lse_rows, lone_tiny_samples_meet_the_rule, lse_batch, opcheck_edge_mix, stand_in_lse)
 
 from prefixlm.attention.backends import fa3
 from prefixlm.attention.seqinfo import BatchMeta
 
-gpu = pytest.mark.skipif(gpu_reason("fa3") is not None,
-                         reason=f"fa3 unavailable: {gpu_reason('fa3')}")
+gpu = gpu_only("fa3")
 
 
 @pytest.mark.parametrize("kind", LSE_KINDS)

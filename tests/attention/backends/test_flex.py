@@ -7,13 +7,12 @@ wrong block sparsity; the compiled GPU kernels skip the blocks this mask calls e
 `mask_mod` on the ones it calls full. This test pins both sets to create_block_mask's.
 """
 
-import os
-import random
 
 import numpy as np
 import pytest
 import torch
 
+from attentionhelpers import SESSION_SEED
 from prefixlm.attention import SeqInfo, prefixlm_attention
 from prefixlm.attention.backends import flex
 from prefixlm.attention.verify import BATCH_KINDS, make_case, random_seqinfos
@@ -22,7 +21,6 @@ if flex.flex_attention is None:
     pytest.skip("FlexAttention needs torch >= 2.5", allow_module_level=True)
 from torch.nn.attention.flex_attention import create_block_mask  # noqa: E402
 
-SESSION_SEED = int(os.environ.get("PREFIXLM_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
 def _used(num, indices):

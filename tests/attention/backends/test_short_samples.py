@@ -8,13 +8,12 @@ the CPU; batches are random on every run (rerun with PREFIXLM_TEST_SEED=...).
 
 from __future__ import annotations
 
-import os
-import random
 
 import numpy as np
 import pytest
 import torch
 
+from attentionhelpers import SESSION_SEED
 from prefixlm.attention.mask import sample_mask
 from prefixlm.attention.reference import reference_attention
 from prefixlm.attention.seqinfo import BatchMeta, SeqInfo
@@ -22,7 +21,6 @@ from prefixlm.attention.backends.short_samples import (SHORT_SAMPLE, exact_grads
                                               short_sample_tiles)
 from prefixlm.attention.verify import pick_prefix
 
-SESSION_SEED = int(os.environ.get("PREFIXLM_TEST_SEED", random.SystemRandom().randrange(2**31)))
 HEAD_DIM = 64
 SCALE = 0.2  # not head_dim ** -0.5, so a scale that is ignored shows
 HEADS = {"mha": (2, 2), "gqa3": (6, 2), "mqa": (4, 1)}
