@@ -95,11 +95,12 @@ def main() -> None:
 
     import tokenizers
 
-    from prefixlm.data.cache import SourceCache, cache_key, file_sha256
+    from prefixlm.data.cache import SourceCache, cache_key
     from prefixlm.data.encode import ReadOptions, encode_sources
     from prefixlm.data.mixture import prepare_mixture
     from prefixlm.data.sources import Source
     from prefixlm.data.tokenizer import load_tokenizer
+    from prefixlm.fsutil import file_sha256
 
     info = machine()
     workers = args.workers or sorted({1, info["usable_cores"]})

@@ -32,7 +32,7 @@ import numpy as np
 from ..fsutil import fsync_dir, write_json
 from .writer import host_name, pid_alive
 
-__all__ = ["CACHE_VERSION", "SAMPLE_FIELDS", "file_sha256", "cache_key", "SourceCache",
+__all__ = ["CACHE_VERSION", "SAMPLE_FIELDS", "cache_key", "SourceCache",
            "CachedSource", "EntryWriter"]
 
 CACHE_VERSION = 1
@@ -40,17 +40,6 @@ SAMPLE_FIELDS = {"head_len": np.int32, "inst_len": np.int32, "tail_len": np.int3
                  "resp_len": np.int32, "line": np.int64, "turn": np.int32, "flags": np.uint8}
 SPECIAL_TEXT, DEFAULT_CONDITION = 1, 2
 _TMP = re.compile(r"\.tmp-(\d+)@(.+)-[0-9a-f]{8}")
-
-
-def file_sha256(path: Path, block: int = 8 << 20, progress=None) -> str:
-    """The file's sha256; `progress(bytes)` after every block read."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    return digest.hexdigest()
 
 
 def cache_key(content_sha256: str, settings: dict) -> str:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import write_bytes
-from .cache import SourceCache, cache_key, file_sha256
+from ..fsutil import file_sha256, write_bytes
+from .cache import SourceCache, cache_key
 from .chat import copy_template, load_chat_tokenizer
 from .coverage import format_coverage, source_outcomes
 from .dataset import INDEX_FIELDS, MIXTURE_WRITER

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from prefixlm.data.cache import CachedSource, SourceCache, cache_key, file_sha256
+from prefixlm.data.cache import CachedSource, SourceCache, cache_key
+from prefixlm.fsutil import file_sha256
 from prefixlm.data.render import encode_rows
 from prefixlm.data.tokenizer import ByteTokenizer
 from prefixlm.data.writer import host_name
