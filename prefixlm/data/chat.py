@@ -220,7 +220,8 @@ def load_chat_tokenizer(spec, special_tokens=None, conditions=None, default_cond
 
     Without markers of its own (no --special-token / --hrm-text-tokens, and no tokenizer_info.json
     in the folder) a sample has none around the prefix, and the end of answer is the template
-    tokenizer's eos (the token inference stops on), its pad the template's pad."""
+    tokenizer's eos (the token inference stops on), its pad the template's pad. Either way the
+    template's answers must hold the end of answer, or generation would never stop."""
     chat = ChatTemplate(chat_template_folder(spec), bool(parse_special_tokens), template_kwargs)
     folder = chat.folder
     records = any((folder / f).is_file() for f in ("tokenizer_info.json", "metadata.json"))
@@ -236,6 +237,13 @@ def load_chat_tokenizer(spec, special_tokens=None, conditions=None, default_cond
     if len(chat.tokenizer) != tok.vocab_size:
         raise ValueError(f"{folder}: its chat tokenizer has {len(chat.tokenizer)} tokens but the "
                          f"tokenizer {spec} has {tok.vocab_size}: give one folder holding both")
+    _, response = chat.render([{"role": "user", "content": "x"},
+                               {"role": "assistant", "content": "y"}], None, [1])[0]
+    if tok.eoa_id not in response:
+        raise ValueError(f"{folder}: the chat template ends an answer with "
+                         f"{chat.tokenizer.decode(response[1:])!r}, which does not hold the end "
+                         f"of answer {tok.special_tokens['eoa']!r}: generation would not stop; "
+                         f"give --special-token eoa=TOKEN with the template's end of turn")
     return tok, chat
 
 

@@ -1,6 +1,8 @@
 """Chat rows through a tokenizer's own chat template: tokens equal apply_chat_template's, one
 sample per assistant turn, templates that cannot be split refused."""
 
+import re
+
 import pytest
 
 from datahelpers import CHATML_TEMPLATE, chat_tokenizer
@@ -122,3 +124,16 @@ def test_templates_that_cannot_be_split_are_refused(folder):
     (plain / "chat_template.jinja").unlink()
     with pytest.raises(ValueError, match="has no chat template"):
         ChatTemplate(plain)
+
+
+def test_an_end_of_answer_the_template_never_writes_is_refused(folder):
+    """Guards training chat samples whose end of answer (what generation stops on) never occurs in
+    them: HRM-Text's <|box_end|> with a ChatML template that ends turns with <|im_end|>."""
+    from prefixlm.data.chat import load_chat_tokenizer
+
+    tok, _ = load_chat_tokenizer(folder)
+    assert tok.special_tokens["eoa"] == "<|im_end|>" and tok.inst_begin_id is None
+    with pytest.raises(ValueError, match=re.escape("does not hold the end of answer "
+                                                   "'<|endoftext|>'")):
+        load_chat_tokenizer(folder, special_tokens={"inst_begin": None, "inst_end": None,
+                                                    "eoa": "<|endoftext|>"})
