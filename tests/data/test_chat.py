@@ -136,4 +136,4 @@ def test_an_end_of_answer_the_template_never_writes_is_refused(folder):
     with pytest.raises(ValueError, match=re.escape("does not hold the end of answer "
                                                    "'<|endoftext|>'")):
         load_chat_tokenizer(folder, special_tokens={"inst_begin": None, "inst_end": None,
-                                                    "eoa": "<|endoftext|>"})
+                                                    "eoa": "<|endoftext|>", "pad": None})
