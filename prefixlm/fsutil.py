@@ -73,10 +73,12 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's contents (hex), read in 1 MiB blocks."""
+def file_sha256(path: str | os.PathLike, progress=None) -> str:
+    """sha256 of a file's contents (hex), read in 1 MiB blocks; `progress(bytes)` after each."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+            if progress is not None:
+                progress(len(block))
     return digest.hexdigest()

@@ -77,3 +77,46 @@ def train_bpe(path: Path, texts, vocab_size: int = 300, specials=("<|inst|>", "<
     tok.train_from_iterator(texts, trainer)
     tok.save(str(path))
     return path
+
+
+# A ChatML template in the style of Qwen2.5's (a default system prompt, tool schemas in the
+# system turn, tool calls rendered from `tool_calls`, tool results folded into a user turn).
+CHATML_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' + (messages[0].content if messages[0].role == "
+    "'system' else 'You are helpful.') + '\\n<tools>' }}{%- for t in tools %}{{- '\\n' + "
+    "(t | tojson) }}{%- endfor %}{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0].role != 'system' %}{{- '<|im_start|>system\\nYou are helpful."
+    "<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' and (loop.first and tools) %}"
+    "{%- elif m.role == 'tool' %}{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + "
+    "'\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + (m.content or '') }}"
+    "{%- for c in (m.tool_calls or []) %}{{- '<tool_call>\\n' + (c.function | tojson) + "
+    "'\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def chat_tokenizer(folder: Path, template: str = CHATML_TEMPLATE, texts=None) -> Path:
+    """A tokenizer folder with a chat template, built locally (tokenizers + transformers'
+    PreTrainedTokenizerFast, saved with save_pretrained): tokenizer.json, tokenizer_config.json,
+    chat_template.jinja."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<tool_response>",
+                "</tool_response>", "<|endoftext|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, show_progress=False,
+                                  special_tokens=[AddedToken(s, special=True) for s in specials],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts or ["You are helpful. What is the weather in Paris? It is "
+                                      "sunny. Hello! How are you? user assistant system"] * 8,
+                            trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template,
+                                 eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    hf.save_pretrained(str(folder))
+    return folder

@@ -1,5 +1,5 @@
 """`prefixlm` command line: the only place that parses arguments. One module per command group
-(`attention`: verify; `data`: prepare-sft, inspect; `train`: train, generate, eval, export;
+(`attention`: verify; `data`: prepare-sft, prepare, inspect; `train`: train, generate, eval, export;
 `evaluate`: eval --tasks, lm-eval; `bench`: bench attention, bench train), each importing the
 library downward, and one mapping from exceptions to a one-line error."""
 

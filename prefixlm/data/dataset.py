@@ -12,8 +12,8 @@ Everything is validated against the arrays themselves when first used (indices w
 resp_len >= 1, inst_len + resp_len <= max_seq_len; token ids below tokenizer_info.vocab_size by
 `validate` and by the loader batch by batch); problems raise `ValueError` naming the file. The
 writers disagree on `total_length` (HRM-Text's SFT script: len(tokens.npy); data_io: the mean
-sampled tokens per epoch, while its tokens.npy holds every row of every source), so in a dataset
-we did not write it is information (`total_length_note`), not a check.
+sampled tokens per epoch, while its tokens.npy holds every row of every source; our mixtures follow
+data_io), so outside prepare-sft's datasets it is information (`total_length_note`), not a check.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["V1Dataset", "EpochIndex", "INDEX_FIELDS", "length_histogram", "WRITER"]
+__all__ = ["V1Dataset", "EpochIndex", "INDEX_FIELDS", "length_histogram", "load_npy", "WRITER",
+           "MIXTURE_WRITER", "OUR_WRITERS"]
 
 INDEX_FIELDS = ("inst_start", "inst_len", "resp_start", "resp_len")
-WRITER = "prefixlm prepare-sft"  # metadata["writer"] of the datasets we write
+WRITER = "prefixlm prepare-sft"  # metadata["writer"] of the datasets prepare-sft writes
+MIXTURE_WRITER = "prefixlm prepare --mixture"  # and of those a mixture writes
+OUR_WRITERS = (WRITER, MIXTURE_WRITER)
 TOKEN_SCAN_CHUNK = 1 << 24
 
 
@@ -62,7 +65,7 @@ def length_histogram(values: np.ndarray) -> dict:
             for lo, hi, c in zip(edges[:-1], edges[1:], counts) if c}
 
 
-def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+def load_npy(path: Path, mmap: bool) -> np.ndarray:
     if not path.is_file():
         raise ValueError(f"{path}: missing file")
     try:
@@ -100,9 +103,11 @@ class V1Dataset:
         if not isinstance(info, dict):
             raise ValueError(f"{meta_path}: 'tokenizer_info' must be an object, got "
                              f"{type(info).__name__}")
-        self.tokens = _load_npy(self.path / "tokens.npy", mmap=True)
+        self.tokens = load_npy(self.path / "tokens.npy", mmap=True)
         total = self.metadata.get("total_length")
-        if self.ours and isinstance(total, int) and total != len(self.tokens):
+        # prepare-sft records len(tokens.npy); a mixture, like data_io, the mean tokens per epoch.
+        if str(self.metadata.get("writer", "")).startswith(WRITER) and isinstance(total, int) and \
+                total != len(self.tokens):
             raise ValueError(f"{self.path / 'tokens.npy'}: holds {len(self.tokens)} tokens but "
                              f"metadata.json says total_length = {total} (written by "
                              f"{WRITER}, which records len(tokens.npy): a damaged dataset)")
@@ -120,13 +125,13 @@ class V1Dataset:
     @property
     def ours(self) -> bool:
         """Whether prefixlm wrote this dataset (its metadata names the writer)."""
-        return str(self.metadata.get("writer", "")).startswith(WRITER)
+        return str(self.metadata.get("writer", "")).startswith(OUR_WRITERS)
 
     @property
     def origin(self) -> str:
         """Which tool wrote this dataset, as far as its files tell."""
         if self.ours:
-            return WRITER
+            return str(self.metadata["writer"])
         info = self.metadata.get("tokenizer_info", {})
         has = {name: (self.path / name).is_file() for name in ("tokenizer.json",
                                                                "tokenizer_info.json")}
@@ -167,7 +172,7 @@ class V1Dataset:
 
     def _load_epoch(self, k: int) -> EpochIndex:
         folder = self.path / f"epoch_{k}"
-        arrays = {name: _load_npy(folder / f"{name}.npy", mmap=False).astype(np.int64, copy=False)
+        arrays = {name: load_npy(folder / f"{name}.npy", mmap=False).astype(np.int64, copy=False)
                   for name in INDEX_FIELDS}
         n = len(arrays["inst_start"])
         for name, arr in arrays.items():
@@ -201,7 +206,7 @@ class V1Dataset:
     def count_short(self, min_causal: int) -> list[int]:
         """Per epoch, the samples with fewer than `min_causal` causal tokens (what the loader
         skips); read from resp_len.npy alone, without loading the epochs."""
-        return [int((_load_npy(self.path / f"epoch_{k}" / "resp_len.npy", mmap=True) - 1
+        return [int((load_npy(self.path / f"epoch_{k}" / "resp_len.npy", mmap=True) - 1
                      < min_causal).sum()) for k in range(self.num_epochs)]
 
     def validate(self, vocab_size: int | None = None, progress: bool = False) -> None:

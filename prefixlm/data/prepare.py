@@ -1,9 +1,11 @@
 """prepare-sft: JSONL -> a tokenized HRM-Text "V1" dataset.
 
-Rows follow `rows.py` (instruction rows or chat rows); `render.py` renders them to samples and
-applies the truncation policy (its docstring gives the length rules); `writer.py` writes the
-folder (atomically: a temporary sibling, fsynced, renamed into place at the end; `--overwrite` only
-replaces a dataset prefixlm wrote).
+Rows follow `rows.py` (instruction rows or chat rows: their last assistant turn, or every one with
+turns="all"; rendered plainly, or by the tokenizer's own chat template, `chat.py`); `render.py`
+renders them to samples and applies the truncation policy (its docstring gives the length rules);
+`writer.py` writes the folder (atomically: a temporary sibling, fsynced, renamed into place at the
+end; `--overwrite` only replaces a dataset prefixlm wrote). A mixture of many sources is
+`mixture.py`'s.
 
 Output:
   tokens.npy (int32), epoch_k/{inst_start,inst_len,resp_start,resp_len}.npy (int64; epoch k is the
@@ -26,8 +28,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from .dataset import INDEX_FIELDS, WRITER, EpochIndex, length_histogram
-from .render import OUTCOMES, TRUNCATION_POLICIES, Truncation, render_rows
-from .rows import parse_row
+from .chat import (CHAT_TEMPLATES, copy_template, encoded_from_ids, load_chat_tokenizer,
+                   parse_chat_record, special_text)
+from .render import OUTCOMES, TRUNCATION_POLICIES, Truncation, render_encoded, render_rows
+from .rows import TURNS, RowError, decode_row, parse_record
 from .sampler import MultipackSampler
 from .tokenizer import AUTO, load_tokenizer
 from .writer import DatasetWriter, shuffled_epochs
@@ -49,7 +53,9 @@ def prepare_sft(inputs, output, tokenizer="byte", context_size: int = 4097, epoc
                 seed: int = 0, truncation: str = "drop", min_response_tokens: int = 1,
                 skip_invalid: bool = False, progress: bool = True, *, special_tokens=None,
                 conditions=None, default_condition=AUTO, parse_special_tokens: bool | None = None,
-                min_prefix_tokens: int = 1, overwrite: bool = False, log=None) -> dict:
+                min_prefix_tokens: int = 1, overwrite: bool = False, log=None,
+                chat_template: str = "plain", turns: str = "last",
+                chat_template_kwargs: dict | None = None) -> dict:
     """Tokenize JSONL files into a V1 dataset at `output`; returns the report (also in report.json).
 
     tokenizer: "byte", a tokenizer.json, a folder (see `load_tokenizer`) or a tokenizer object.
@@ -57,6 +63,9 @@ def prepare_sft(inputs, output, tokenizer="byte", context_size: int = 4097, epoc
     min_prefix_tokens: truncate-prefix keeps at least this many instruction text tokens (else the
     row is dropped). overwrite: replace a dataset prefixlm wrote at `output` (see `writer.py`).
     log: callable for the summary lines (default: stderr when progress is on, silent otherwise).
+    chat_template: chat rows rendered "plain" (`rows.render_chat`) or by the "tokenizer" folder's
+    own template (`chat.py`; chat_template_kwargs go to it). turns: "last" assistant turn of a chat
+    row, or "all" (one sample each; rows.jsonl then has a line per sample, with its turn).
     """
     started = time.perf_counter()
     if isinstance(inputs, (str, os.PathLike)):
@@ -73,14 +82,24 @@ def prepare_sft(inputs, output, tokenizer="byte", context_size: int = 4097, epoc
     if log is None:
         log = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
 
-    tok = load_tokenizer(tokenizer, special_tokens, conditions,
-                         default_condition=default_condition,
-                         parse_special_tokens=parse_special_tokens)
+    if chat_template not in CHAT_TEMPLATES:
+        raise ValueError(f"chat_template must be one of {', '.join(CHAT_TEMPLATES)}, got "
+                         f"{chat_template!r}")
+    if turns not in TURNS:
+        raise ValueError(f"turns must be one of {', '.join(TURNS)}, got {turns!r}")
+    chat = None
+    if chat_template == "tokenizer":
+        tok, chat = load_chat_tokenizer(tokenizer, special_tokens, conditions, default_condition,
+                                        parse_special_tokens, chat_template_kwargs)
+    else:
+        tok = load_tokenizer(tokenizer, special_tokens, conditions,
+                             default_condition=default_condition,
+                             parse_special_tokens=parse_special_tokens)
     writer = DatasetWriter(output, inputs, overwrite=overwrite, log=log)
     try:
         with writer:
             report = _prepare_into(writer, inputs, tok, decide, int(epochs), int(seed),
-                                   skip_invalid, progress)
+                                   skip_invalid, progress, _Samples(tok, chat, turns))
             report["leftovers_removed"] = [str(p) for p in writer.removed_leftovers]
             report["elapsed_s"] = round(time.perf_counter() - started, 3)
             report["tokens_per_s"] = round(report["tokens"]["read"] /
@@ -108,17 +127,19 @@ class _RowsReport:
         self.f.write(json.dumps({"file": str(path), "line": lineno, "outcome": OUTCOMES[MALFORMED],
                                  "error": error}, ensure_ascii=False) + "\n")
 
-    def rendered(self, path, lines, r):
-        """The rows of a rendered chunk; `lines` their line numbers."""
+    def rendered(self, path, lines, turns, r):
+        """The rows of a rendered chunk; `lines` their line numbers, `turns` their chat turns
+        (None: not reported)."""
         head = '{"file":' + json.dumps(str(path), ensure_ascii=False) + ',"line":'
         names = [',"outcome":"' + name + '","inst_len":[' for name in OUTCOMES]
         out = []
-        for lineno, code, ib, ia, rb, ra, special, default in zip(
-                lines, r.outcome.tolist(), r.inst_before.tolist(), r.inst_after.tolist(),
+        for lineno, turn, code, ib, ia, rb, ra, special, default in zip(
+                lines, turns, r.outcome.tolist(), r.inst_before.tolist(), r.inst_after.tolist(),
                 r.resp_before.tolist(), r.resp_after.tolist(), r.special_text.tolist(),
                 r.default_condition.tolist()):
             extra = (',"special_text":true' if special else "") + \
-                (',"default_condition":true' if default else "")
+                (',"default_condition":true' if default else "") + \
+                (f',"turn":{turn}' if turn is not None else "")
             out.append(f'{head}{lineno}{names[code]}{ib},{ia}],"resp_len":[{rb},{ra}]'
                        f'{extra}}}\n')
         self.f.write("".join(out))
@@ -131,8 +152,36 @@ def _slice_rows(r, start: int, end: int):
         "default_condition")})
 
 
+class _Samples:
+    """One JSONL line -> its samples: ((instruction, response, condition) or, with a chat
+    template, (prefix ids, response ids, special text)), turn), and the trailing turns."""
+
+    def __init__(self, tok, chat, turns: str):
+        self.tok, self.chat, self.turns = tok, chat, turns
+
+    def __call__(self, raw: bytes):
+        row, surrogates = decode_row(raw)
+        if self.chat is None:
+            samples, trailing = parse_record(row, self.tok.condition_ids, self.turns,
+                                             surrogates=surrogates)
+            return [(s[:3], self._turn(s[3])) for s in samples], trailing
+        messages, tools, picked, trailing = parse_chat_record(row, self.turns)
+        special = special_text(self.tok, messages)
+        return [((prefix, response, special), self._turn(k)) for (prefix, response), k in
+                zip(self.chat.render(messages, tools, picked), picked)], trailing
+
+    def _turn(self, k: int):
+        return k if self.turns == "all" and k >= 0 else None
+
+    def render(self, samples, decide: Truncation):
+        if self.chat is None:
+            return render_rows(self.tok, samples, decide)
+        return render_encoded(encoded_from_ids([s[:2] for s in samples],
+                                               [s[2] for s in samples]), decide)
+
+
 def _prepare_into(writer: DatasetWriter, inputs, tok, decide: Truncation, epochs: int, seed: int,
-                  skip_invalid: bool, progress: bool) -> dict:
+                  skip_invalid: bool, progress: bool, samples: _Samples) -> dict:
     counts = dict.fromkeys(OUTCOMES, 0)
     counts.update(rows=0, blank_lines=0, chat_turns_ignored=0, empty_files=0,
                   special_text_rows=0, default_condition_rows=0)
@@ -154,7 +203,7 @@ def _prepare_into(writer: DatasetWriter, inputs, tok, decide: Truncation, epochs
         """Render the chunk's good rows; rows.jsonl gets every row of it, in order."""
         nonlocal tokens_read
         good = [entry for entry in chunk if entry[1] is not None]
-        rendered = render_rows(tok, [entry[1] for entry in good], decide) if good else None
+        rendered = samples.render([entry[1] for entry in good], decide) if good else None
         if rendered is not None:
             tokens_read += int(rendered.inst_before.sum() + rendered.resp_before.sum())
             for code, name in enumerate(OUTCOMES[:MALFORMED]):
@@ -169,14 +218,15 @@ def _prepare_into(writer: DatasetWriter, inputs, tok, decide: Truncation, epochs
             index_parts["inst_len"].append(rendered.inst_len)
             index_parts["resp_start"].append(inst_start + rendered.inst_len)
             index_parts["resp_len"].append(rendered.resp_len)
-        run: list[int] = []  # line numbers of consecutive rendered rows, not yet reported
+        run: list[tuple] = []  # (line, turn) of consecutive rendered samples, not yet reported
         at = 0
-        for lineno, parsed, error in chunk + [(None, None, None)]:
+        for lineno, parsed, error, turn in chunk + [(None, None, None, None)]:
             if parsed is not None:
-                run.append(lineno)
+                run.append((lineno, turn))
                 continue
             if run:
-                report_rows.rendered(path, run, _slice_rows(rendered, at, at + len(run)))
+                report_rows.rendered(path, [r[0] for r in run], [r[1] for r in run],
+                                     _slice_rows(rendered, at, at + len(run)))
                 at += len(run)
                 run = []
             if lineno is not None:
@@ -197,18 +247,18 @@ def _prepare_into(writer: DatasetWriter, inputs, tok, decide: Truncation, epochs
                         continue
                     file_rows += 1
                     try:
-                        inst, resp, cond, trailing = parse_row(raw, tok.condition_ids)
-                    except ValueError as exc:
+                        parsed, trailing = samples(raw)
+                    except RowError as exc:
                         where = f"{path}:{lineno}: {exc}"
                         if not skip_invalid:
                             raise InputError(where + " (use --skip-invalid to skip bad rows)")
                         counts["dropped_malformed"] += 1
                         if len(malformed_examples) < MALFORMED_EXAMPLES:
                             malformed_examples.append(where)
-                        chunk.append((lineno, None, str(exc)))
+                        chunk.append((lineno, None, str(exc), None))
                         continue
                     counts["chat_turns_ignored"] += trailing
-                    chunk.append((lineno, (inst, resp, cond), None))
+                    chunk += [(lineno, sample, None, turn) for sample, turn in parsed]
                     if len(chunk) >= CHUNK_ROWS:
                         flush(path, chunk)
                         chunk = []
@@ -232,6 +282,8 @@ def _prepare_into(writer: DatasetWriter, inputs, tok, decide: Truncation, epochs
     for k, epoch_index in shuffled_epochs(index, epochs, seed):
         writer.write_epoch(k, epoch_index)
     tok.save(writer.path, tokenizer_path=str(writer.final))
+    if samples.chat is not None:
+        copy_template(samples.chat, writer.path)
 
     kept = EpochIndex(**index)
     inst_len, resp_len, causal = kept.inst_len, kept.resp_len, kept.causal_lens
@@ -250,6 +302,8 @@ def _prepare_into(writer: DatasetWriter, inputs, tok, decide: Truncation, epochs
         "truncation": decide.policy,
         "min_response_tokens": decide.K,
         "min_prefix_tokens": decide.min_prefix,
+        "chat_template": "plain" if samples.chat is None else "tokenizer",
+        "turns": samples.turns,
         "label_convention": "inputs = inst + resp[:-1]; labels = (inst + resp)[1:], -100 on all "
                             "prefix positions but the last; causal_len = resp_len - 1",
     }

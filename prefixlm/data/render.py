@@ -1,9 +1,11 @@
 """Rows -> tokens of samples, and what the truncation policy does to each row.
 
-`render_rows(tokenizer, rows, truncation)` renders a chunk of (instruction, response, condition)
-rows the way `tokenizer.py` defines it, decides per row with `Truncation`, and returns the kept
-samples' tokens (concatenated, prefix then response per sample) with per-row outcomes and lengths
-before and after. Every writer of datasets (prepare-sft, mixtures) goes through it.
+`encode_rows(tokenizer, rows)` renders a chunk of (instruction, response, condition) rows the way
+`tokenizer.py` defines it into whole samples (`EncodedRows`: prefix markers, instruction text,
+end-of-prefix marker, response, end of answer). `Truncation` decides per sample what a context
+size does to it, and `gather_samples` cuts the kept samples out of a token stream accordingly.
+`render_rows` is the three in one step (prepare-sft); a mixture encodes once into its cache and
+truncates when it samples. Every writer of datasets goes through these.
 
 Lengths. A sample is `inst_len` prefix tokens and `resp_len` response tokens, the response ending
 with the end-of-answer token; the model reads `inst_len + resp_len - 1` of them, `causal_len =
@@ -25,7 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["OUTCOMES", "TRUNCATION_POLICIES", "Truncation", "RenderedRows", "render_rows"]
+__all__ = ["OUTCOMES", "TRUNCATION_POLICIES", "Truncation", "EncodedRows", "encode_rows",
+           "gather_ranges", "gather_samples", "truncate", "RenderedRows", "render_rows",
+           "render_encoded"]
 
 TRUNCATION_POLICIES = ("drop", "truncate-prefix", "truncate-response")
 OUTCOMES = ("kept", "truncated_prefix", "truncated_response", "dropped_empty", "dropped_too_long",
@@ -81,6 +85,95 @@ class Truncation:
 
 
 @dataclass
+class EncodedRows:
+    """Whole samples, untruncated: per sample its prefix (head markers, instruction text, tail
+    markers) then its response (text, then the end-of-answer token), all concatenated."""
+
+    tokens: np.ndarray           # int32
+    head_len: np.ndarray         # int32 per sample: markers before the instruction text
+    inst_len: np.ndarray         # int64 per sample: head + text + tail
+    tail_len: np.ndarray         # int32 per sample: markers after the instruction text
+    resp_len: np.ndarray         # int64 per sample: response text + end of answer
+    special_text: np.ndarray     # bool per sample: the text held a special-token string
+    default_condition: np.ndarray  # bool per sample: no condition given, the default applied
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Offset of each sample in `tokens`."""
+        lengths = self.inst_len + self.resp_len
+        return np.cumsum(lengths) - lengths
+
+
+def gather_ranges(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """tokens[starts[0]: starts[0] + lengths[0]] ++ tokens[starts[1]: ...] ++ ..., in one
+    fancy-indexing step."""
+    lengths = np.asarray(lengths, np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, np.int32)
+    offsets = np.cumsum(lengths) - lengths
+    index = np.repeat(np.asarray(starts, np.int64) - offsets, lengths) + np.arange(total)
+    return np.asarray(tokens[index], np.int32)
+
+
+def gather_samples(tokens, inst_start, head_len, inst_len, resp_start, cut_left, resp_keep):
+    """The kept samples' tokens, concatenated: per sample its head markers, its instruction text
+    without the `cut_left` tokens after the head (truncate-prefix), the tail markers, and the first
+    `resp_keep` response tokens. Returns (tokens, new inst_len, new resp_len)."""
+    inst_start = np.asarray(inst_start, np.int64)
+    head_len = np.asarray(head_len, np.int64)
+    cut_left = np.asarray(cut_left, np.int64)
+    rest = np.asarray(inst_len, np.int64) - head_len - cut_left
+    starts = np.stack([inst_start, inst_start + head_len + cut_left,
+                       np.asarray(resp_start, np.int64)], axis=1).ravel()
+    lengths = np.stack([head_len, rest, np.asarray(resp_keep, np.int64)], axis=1).ravel()
+    return gather_ranges(tokens, starts, lengths), head_len + rest, \
+        np.asarray(resp_keep, np.int64)
+
+
+def encode_rows(tok, rows) -> EncodedRows:
+    """Render and tokenize `rows`, a list of (instruction, response, condition or None)."""
+    n = len(rows)
+    inst_flat, inst_lens = tok.encode_batch([r[0] for r in rows])
+    resp_flat, resp_lens = tok.encode_batch([r[1] for r in rows])
+    heads = [tok.prefix_head(r[2]) for r in rows]
+    head_lens = np.fromiter((len(h) for h in heads), np.int64, count=n)
+    head_flat = np.fromiter((i for h in heads for i in h), np.int32, count=int(head_lens.sum()))
+    tail = np.asarray(tok.prefix_tail(), np.int32)
+    # One source array holding every piece once; each sample is five ranges of it.
+    pieces = [head_flat, np.asarray(inst_flat, np.int32), np.asarray(resp_flat, np.int32), tail,
+              np.asarray([tok.eoa_id], np.int32)]
+    at = np.cumsum([0] + [len(p) for p in pieces])
+    source = np.concatenate(pieces)
+
+    def offsets(lengths, base):
+        return base + np.cumsum(lengths) - lengths
+
+    tail_lens = np.full(n, len(tail), np.int64)
+    starts = np.stack([offsets(head_lens, at[0]), offsets(inst_lens, at[1]), np.full(n, at[3]),
+                       offsets(resp_lens, at[2]), np.full(n, at[4])], axis=1).ravel()
+    lengths = np.stack([head_lens, inst_lens, tail_lens, resp_lens, np.ones(n, np.int64)],
+                       axis=1).ravel()
+    special = np.fromiter((tok.holds_special_text(r[0]) or tok.holds_special_text(r[1])
+                           for r in rows), bool, count=n)
+    defaulted = np.fromiter((r[2] is None and tok.default_condition is not None for r in rows),
+                            bool, count=n)
+    return EncodedRows(tokens=gather_ranges(source, starts, lengths),
+                       head_len=head_lens.astype(np.int32), inst_len=head_lens + inst_lens +
+                       tail_lens, tail_len=tail_lens.astype(np.int32), resp_len=resp_lens + 1,
+                       special_text=special, default_condition=defaulted)
+
+
+def truncate(encoded, truncation: Truncation):
+    """`truncation` applied to samples given by their lengths (EncodedRows or alike): per sample
+    the outcome code, the instruction tokens cut from the left, the response tokens kept."""
+    head = np.asarray(encoded.head_len, np.int64)
+    tail = np.asarray(encoded.tail_len, np.int64)
+    body = np.asarray(encoded.inst_len, np.int64) - head - tail
+    return truncation(head, body, tail, np.asarray(encoded.resp_len, np.int64) - 1)
+
+
+@dataclass
 class RenderedRows:
     """One chunk of rows rendered: the kept samples' tokens, and per row what happened."""
 
@@ -98,39 +191,27 @@ class RenderedRows:
 
 
 def render_rows(tok, rows, truncation: Truncation) -> RenderedRows:
-    """Render and tokenize `rows`, a list of (instruction, response, condition or None)."""
-    n = len(rows)
-    inst_flat, inst_lens = tok.encode_batch([r[0] for r in rows])
-    resp_flat, resp_lens = tok.encode_batch([r[1] for r in rows])
-    heads = [tok.prefix_head(r[2]) for r in rows]
-    tail = np.asarray(tok.prefix_tail(), np.int32)
-    head_lens = np.fromiter((len(h) for h in heads), np.int64, count=n)
-    tail_lens = np.full(n, len(tail), np.int64)
-    outcome, cut_left, resp_keep = truncation(head_lens, inst_lens, tail_lens, resp_lens)
-    inst_off = np.concatenate([[0], np.cumsum(inst_lens)])
-    resp_off = np.concatenate([[0], np.cumsum(resp_lens)])
+    """Render and tokenize `rows`, a list of (instruction, response, condition or None), and apply
+    `truncation`."""
+    return render_encoded(encode_rows(tok, rows), truncation)
+
+
+def render_encoded(encoded: EncodedRows, truncation: Truncation) -> RenderedRows:
+    """`truncation` applied to whole samples: the kept samples' tokens and every row's outcome."""
+    n = len(encoded.inst_len)
+    outcome, cut_left, resp_keep = truncate(encoded, truncation)
     kept = np.flatnonzero(outcome <= TRUNCATED_RESPONSE)
-    eoa = np.asarray([tok.eoa_id], np.int32)
-    pieces = []
-    inst_len = np.empty(len(kept), np.int64)
-    for j, i in enumerate(kept.tolist()):
-        head = np.asarray(heads[i], np.int32)
-        body = inst_flat[inst_off[i] + cut_left[i]: inst_off[i + 1]]
-        whole = resp_keep[i] == resp_lens[i] + 1
-        resp = resp_flat[resp_off[i]: resp_off[i] + (resp_keep[i] - 1 if whole else resp_keep[i])]
-        pieces += [head, body, tail, resp] + ([eoa] if whole else [])
-        inst_len[j] = len(head) + len(body) + len(tail)
-    tokens = np.concatenate(pieces).astype(np.int32, copy=False) if pieces else \
-        np.zeros(0, np.int32)
+    inst_start = encoded.starts
+    tokens, inst_len, resp_len = gather_samples(
+        encoded.tokens, inst_start[kept], encoded.head_len[kept], encoded.inst_len[kept],
+        inst_start[kept] + encoded.inst_len[kept], cut_left[kept], resp_keep[kept])
     inst_after = np.zeros(n, np.int64)
     resp_after = np.zeros(n, np.int64)
     inst_after[kept] = inst_len
-    resp_after[kept] = resp_keep[kept]
-    special = np.fromiter((tok.holds_special_text(r[0]) or tok.holds_special_text(r[1])
-                           for r in rows), bool, count=n)
-    defaulted = np.fromiter((r[2] is None and tok.default_condition is not None for r in rows),
-                            bool, count=n)
-    return RenderedRows(tokens=tokens, kept=kept, inst_len=inst_len, resp_len=resp_keep[kept],
-                        outcome=outcome, inst_before=head_lens + inst_lens + tail_lens,
-                        resp_before=resp_lens + 1, inst_after=inst_after, resp_after=resp_after,
-                        special_text=special, default_condition=defaulted)
+    resp_after[kept] = resp_len
+    return RenderedRows(tokens=tokens, kept=kept, inst_len=inst_len, resp_len=resp_len,
+                        outcome=outcome, inst_before=np.asarray(encoded.inst_len, np.int64),
+                        resp_before=np.asarray(encoded.resp_len, np.int64),
+                        inst_after=inst_after, resp_after=resp_after,
+                        special_text=encoded.special_text,
+                        default_condition=encoded.default_condition)

@@ -34,21 +34,24 @@ from pathlib import Path
 import numpy as np
 
 from ..fsutil import durable_open, fsync_dir, save_npy, write_json
-from .dataset import INDEX_FIELDS, WRITER
+from .dataset import INDEX_FIELDS, OUR_WRITERS
 
-__all__ = ["DatasetWriter", "check_output", "shuffled_epochs", "DATASET_FILES"]
+__all__ = ["DatasetWriter", "check_output", "shuffled_epochs", "DATASET_FILES", "host_name",
+           "pid_alive"]
 
 # Everything a dataset we write holds (epoch_K folders hold the four index files).
 DATASET_FILES = ("tokens.npy", "metadata.json", "tokenizer.json", "tokenizer_info.json",
-                 "report.json", "rows.jsonl")
+                 "report.json", "rows.jsonl", "coverage.json", "coverage.md", "mixture.json",
+                 "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                 "special_tokens_map.json")
 _EPOCH_DIR = re.compile(r"epoch_\d+")
 
 
-def _host() -> str:
+def host_name() -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,7 +89,7 @@ def _is_our_dataset(path: Path) -> str | None:
         return "it has no metadata.json (not a prepared dataset)"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         return f"its metadata.json cannot be read ({exc})"
-    if not isinstance(meta, dict) or not str(meta.get("writer", "")).startswith(WRITER):
+    if not isinstance(meta, dict) or not str(meta.get("writer", "")).startswith(OUR_WRITERS):
         return (f"it is not a dataset prefixlm wrote (metadata.json names writer "
                 f"{meta.get('writer') if isinstance(meta, dict) else None!r}, e.g. HRM-Text's or "
                 f"data_io's output)")
@@ -144,11 +147,11 @@ def clean_leftovers(output: Path, log=None) -> list[Path]:
     if not parent.is_dir():
         return []
     pattern = _leftover_pattern(output.name)
-    host = _host()
+    host = host_name()
     removed = []
     for entry in sorted(parent.iterdir()):
         match = pattern.fullmatch(entry.name)
-        if not match or match.group(3) != host or _alive(int(match.group(2))):
+        if not match or match.group(3) != host or pid_alive(int(match.group(2))):
             continue
         if match.group(1) == "old" and not output.exists():
             os.replace(entry, output)
@@ -189,7 +192,8 @@ def commit(tmp: Path, output: Path) -> None:
         return
     old = None
     if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}@{_host()}-{uuid.uuid4().hex[:8]}"
+        old = output.parent / (f".{output.name}.old-{os.getpid()}@{host_name()}-"
+                               f"{uuid.uuid4().hex[:8]}")
         os.replace(output, old)
     os.replace(tmp, output)
     fsync_dir(output.parent)
@@ -229,7 +233,7 @@ class DatasetWriter:
         self.tokens_dtype = np.dtype(tokens_dtype)
         self.log = log
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        name = f".{self.output.name}.tmp-{os.getpid()}@{_host()}-{uuid.uuid4().hex[:8]}"
+        name = f".{self.output.name}.tmp-{os.getpid()}@{host_name()}-{uuid.uuid4().hex[:8]}"
         self.path = self.output.parent / name
         try:
             os.mkdir(self.path)  # mode 0o777 minus the umask

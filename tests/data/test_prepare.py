@@ -481,3 +481,57 @@ def test_output_folder_gets_the_users_umask(tmp_path):
         assert out.stat().st_mode & 0o777 == mode
         assert (out / "epoch_1").stat().st_mode & 0o777 == mode
         assert (out / "tokens.npy").stat().st_mode & 0o777 == mode & 0o666
+
+
+CHAT = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U1"},
+                     {"role": "assistant", "content": "A1"}, {"role": "user", "content": "U2"},
+                     {"role": "assistant", "content": "A2"}]}
+
+
+def test_turns_all_gives_one_sample_per_assistant_turn(tmp_path):
+    """Guards multi-turn chats supervising only their last answer (open-r1 #618) when every turn
+    is asked for: --turns all makes one sample per assistant turn, its prefix every turn before
+    it; rows.jsonl has a line per sample with its turn; --turns last stays today's sample."""
+    src = write_jsonl(tmp_path / "in.jsonl", [CHAT, {"instruction": "I", "response": "R"}])
+    report = prepare_sft([src], tmp_path / "all", context_size=256, turns="all", **Q)
+    assert _decoded(tmp_path / "all") == [
+        ("<|inst|>system: S\n\nuser: U1<|/inst|>", "A1<|eoa|>"),
+        ("<|inst|>system: S\n\nuser: U1\n\nassistant: A1\n\nuser: U2<|/inst|>", "A2<|eoa|>"),
+        ("<|inst|>I<|/inst|>", "R<|eoa|>")]
+    assert report["counts"]["rows"] == 2 and report["samples"] == 3
+    lines = [json.loads(x) for x in (tmp_path / "all" / "rows.jsonl").read_text().splitlines()]
+    assert [(x["line"], x.get("turn")) for x in lines] == [(1, 2), (1, 4), (2, None)]
+    prepare_sft([src], tmp_path / "last", context_size=256, **Q)
+    last = _decoded(tmp_path / "last")
+    assert last[0][1] == "A2<|eoa|>" and len(last) == 2
+
+
+def test_chat_template_tokens_are_the_templates(tmp_path):
+    """Guards prepare-sft --chat-template tokenizer: every sample's prefix + response equal
+    apply_chat_template's tokens of the conversation up to its turn (the template's default
+    system prompt included, its end of turn closing the response), no markers of ours; a row the
+    template rejects stops with file:line."""
+    transformers = pytest.importorskip("transformers")
+    from datahelpers import chat_tokenizer
+
+    folder = chat_tokenizer(tmp_path / "tok")
+    conversation = CHAT["messages"][1:]
+    src = write_jsonl(tmp_path / "in.jsonl", [{"messages": conversation}])
+    prepare_sft([src], tmp_path / "out", tokenizer=str(folder), context_size=512,
+                chat_template="tokenizer", turns="all", **Q)
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    ds = V1Dataset(tmp_path / "out")
+    order = np.argsort(ds.epoch(0).inst_start)
+    got = [tuple(np.concatenate(ds.sample(0, i)).tolist()) for i in order]
+    want = [tuple(hf.apply_chat_template(conversation[:k + 1], tokenize=True, return_dict=False,
+                                         sanitize_control_tokens=True)) for k in (1, 3)]
+    assert got == want
+    prefix, response = ds.sample(0, order[0])
+    assert hf.decode(prefix).endswith("<|im_start|>assistant\n")
+    assert hf.decode(response) == "A1<|im_end|>\n"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": conversation},
+                                                {"messages": [{"role": "assistant",
+                                                               "content": "x"}]}])
+    with pytest.raises(InputError, match=r"bad.jsonl:2: messages\[0\] is an assistant turn"):
+        prepare_sft([bad], tmp_path / "bad", tokenizer=str(folder), context_size=512,
+                    chat_template="tokenizer", **Q)

@@ -12,7 +12,7 @@ import pytest
 
 from datahelpers import random_rows, write_jsonl
 from prefixlm.data import V1Dataset, prepare_sft
-from prefixlm.data.writer import _host
+from prefixlm.data.writer import host_name
 
 Q = dict(progress=False, context_size=4097)
 
@@ -112,8 +112,8 @@ def test_leftovers_of_killed_prepares_are_cleaned_but_not_live_ones(tmp_path):
     assert left[0] != left[1]
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        keep = [tmp_path / f".out.tmp-{live.pid}@{_host()}-0123abcd",
-                tmp_path / f".other.tmp-999999@{_host()}-0123abcd",
+        keep = [tmp_path / f".out.tmp-{live.pid}@{host_name()}-0123abcd",
+                tmp_path / f".other.tmp-999999@{host_name()}-0123abcd",
                 tmp_path / ".out.tmp-999999@another-host-0123abcd"]
         for p in keep:
             p.mkdir()
@@ -132,7 +132,7 @@ def test_a_commit_killed_between_renames_is_undone(tmp_path):
     before writing, so it is never lost."""
     src = write_jsonl(tmp_path / "in.jsonl", random_rows(5))
     prepare_sft([src], tmp_path / "out", **Q)
-    old = tmp_path / f".out.old-999999@{_host()}-0123abcd"
+    old = tmp_path / f".out.old-999999@{host_name()}-0123abcd"
     os.replace(tmp_path / "out", old)
     with pytest.raises(ValueError, match="already exists"):  # restored first, then refused
         prepare_sft([src], tmp_path / "out", **Q)
