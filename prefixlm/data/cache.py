@@ -29,8 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import fsync_dir, write_json
-from .writer import host_name, pid_alive
+from ..fsutil import fsync_dir, host_name, pid_alive, write_json
 
 __all__ = ["CACHE_VERSION", "SAMPLE_FIELDS", "cache_key", "SourceCache",
            "CachedSource", "EntryWriter"]

@@ -26,18 +26,15 @@ import json
 import os
 import re
 import shutil
-import socket
-import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from ..fsutil import durable_open, fsync_dir, save_npy, write_json
+from ..fsutil import (clean_leftovers, durable_open, fsync_dir, replace_dir, save_npy,
+                      temp_dir_beside, write_json)
 from .dataset import INDEX_FIELDS, OUR_WRITERS
 
-__all__ = ["DatasetWriter", "check_output", "shuffled_epochs", "DATASET_FILES", "host_name",
-           "pid_alive"]
+__all__ = ["DatasetWriter", "check_output", "shuffled_epochs", "DATASET_FILES"]
 
 # Everything a dataset we write holds (epoch_K folders hold the four index files).
 DATASET_FILES = ("tokens.npy", "metadata.json", "tokenizer.json", "tokenizer_info.json",
@@ -45,26 +42,6 @@ DATASET_FILES = ("tokens.npy", "metadata.json", "tokenizer.json", "tokenizer_inf
                  "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                  "special_tokens_map.json")
 _EPOCH_DIR = re.compile(r"epoch_\d+")
-
-
-def host_name() -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "host"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    except OSError:
-        return True
-    return True
-
-
-def _leftover_pattern(name: str) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(name)}\.(tmp|old)-(\d+)@(.+)-[0-9a-f]{{8}}")
 
 
 def _foreign_entries(path: Path) -> list[str]:
@@ -139,68 +116,6 @@ def check_output(output, inputs=(), overwrite: bool = False) -> Path:
     return output
 
 
-def clean_leftovers(output: Path, log=None) -> list[Path]:
-    """Remove the temporary folders of killed writers of `output` (module docstring); an `.old-`
-    folder (the previous dataset, moved aside by a commit that did not finish) goes back into
-    place when the output is missing. Returns the folders removed."""
-    parent = output.parent
-    if not parent.is_dir():
-        return []
-    pattern = _leftover_pattern(output.name)
-    host = host_name()
-    removed = []
-    for entry in sorted(parent.iterdir()):
-        match = pattern.fullmatch(entry.name)
-        if not match or match.group(3) != host or pid_alive(int(match.group(2))):
-            continue
-        if match.group(1) == "old" and not output.exists():
-            os.replace(entry, output)
-            fsync_dir(parent)
-            if log:
-                log(f"  restored {output} from {entry.name} (a commit killed midway)")
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
-    if removed and log:
-        log(f"  removed {len(removed)} leftover folder(s) of killed writers of {output}")
-    return removed
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def commit(tmp: Path, output: Path) -> None:
-    """Put the finished directory in place of `output`; an older dataset is removed only afterwards.
-
-    Replacing an existing dataset swaps the two directories atomically where the OS can; elsewhere
-    it takes two renames, and a crash between them leaves the old dataset under `.NAME.old-*` (put
-    back by the next writer's `clean_leftovers`).
-    """
-    if output.exists() and _exchange(tmp, output):
-        fsync_dir(output.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    old = None
-    if output.exists():
-        old = output.parent / (f".{output.name}.old-{os.getpid()}@{host_name()}-"
-                               f"{uuid.uuid4().hex[:8]}")
-        os.replace(output, old)
-    os.replace(tmp, output)
-    fsync_dir(output.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_npy_from_raw(raw_path: Path, npy_path: Path, count: int, dtype) -> None:
     """An .npy file from a raw stream of `count` values of `dtype`, without loading it."""
     with durable_open(npy_path) as out:
@@ -233,13 +148,7 @@ class DatasetWriter:
         self.tokens_dtype = np.dtype(tokens_dtype)
         self.log = log
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        name = f".{self.output.name}.tmp-{os.getpid()}@{host_name()}-{uuid.uuid4().hex[:8]}"
-        self.path = self.output.parent / name
-        try:
-            os.mkdir(self.path)  # mode 0o777 minus the umask
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot create a folder beside the output "
-                                     f"({exc.strerror})", str(self.output)) from exc
+        self.path = temp_dir_beside(self.output)
         self._raw_path = self.path / "tokens.raw"
         self._raw = open(self._raw_path, "wb")
         self.num_tokens = 0
@@ -281,7 +190,7 @@ class DatasetWriter:
 
     def commit(self) -> Path:
         fsync_dir(self.path)
-        commit(self.path, self.output)
+        replace_dir(self.path, self.output)
         self.done = True
         return self.output
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..fsutil import fsync_dir, write_json
+from ..fsutil import clean_leftovers, fsync_dir, replace_dir, temp_dir_beside, write_json
 from ..model import hrm_text
 from .tokenizer import save_tokenizer
 
@@ -80,7 +79,8 @@ def save_pretrained(model, path, tokenizer=None, dtype=torch.float32, *,
         raise ValueError(f"output {path} is not an hrm_text export (no hrm_text config.json): "
                          "--overwrite replaces only an earlier export; choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    clean_leftovers(path)
+    tmp = temp_dir_beside(path)
     try:
         ids = {} if tokenizer is None else dict(
             bos_token_id=tokenizer.inst_begin_id, eos_token_id=tokenizer.eoa_id,
@@ -103,14 +103,7 @@ def save_pretrained(model, path, tokenizer=None, dtype=torch.float32, *,
         for child in tmp.iterdir():
             _fsync_file(child)
         fsync_dir(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-        fsync_dir(path.parent)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,7 +11,7 @@ from prefixlm.data.cache import CachedSource, SourceCache, cache_key
 from prefixlm.fsutil import file_sha256
 from prefixlm.data.render import encode_rows
 from prefixlm.data.tokenizer import ByteTokenizer
-from prefixlm.data.writer import host_name
+from prefixlm.fsutil import host_name
 
 
 def _fill(cache, key, rows=(("ab", "c", None), ("d", "efg", None))):

@@ -187,7 +187,7 @@ def test_killed_write_keeps_old_dataset(tmp_path, where):
     prepare_sft([src], tmp_path / "out", context_size=4097, **Q)
     before = (tmp_path / "out" / "tokens.npy").read_bytes()
     src2 = write_jsonl(tmp_path / "in2.jsonl", random_rows(30, seed=1))
-    target = "_write_npy_from_raw" if where == "tokenize" else "commit"
+    target = "_write_npy_from_raw" if where == "tokenize" else "replace_dir"
     script = textwrap.dedent(f"""
         import os, signal
         import prefixlm.data.prepare as prep

@@ -12,7 +12,7 @@ import pytest
 
 from datahelpers import random_rows, write_jsonl
 from prefixlm.data import V1Dataset, prepare_sft
-from prefixlm.data.writer import host_name
+from prefixlm.fsutil import host_name
 
 Q = dict(progress=False, context_size=4097)
 

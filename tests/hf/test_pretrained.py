@@ -2,6 +2,7 @@
 fp32): the logits of both libraries on the same weights, in both directions."""
 
 import json
+import os
 import warnings
 
 import pytest
@@ -154,3 +155,18 @@ def test_a_failed_save_leaves_no_directory(tmp_path, monkeypatch):
         warnings.simplefilter("error")
         phf.save_pretrained(model, tmp_path / "out", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_export_is_readable_by_the_users_umask(tmp_path):
+    """Guards exports made in a mkdtemp folder: renamed into place, the directory kept mode 0700,
+    so a server running under another account (vLLM, a shared model store) could not read it. The
+    folder gets the umask's mode, also when an export is replaced."""
+    model = PrefixLM(preset_config("tiny", vocab_size=77, hidden=32, heads=2))
+    old = os.umask(0o022)
+    try:
+        for overwrite in (False, True):
+            out = phf.save_pretrained(model, tmp_path / "shared", overwrite=overwrite)
+            assert out.stat().st_mode & 0o777 == 0o755, oct(out.stat().st_mode)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]
