@@ -384,9 +384,16 @@ class Task:
         if self.limit:
             docs = docs[:self.limit]
         shots = self._shots()
+        # Decided over the task's rows, as scoring decides it (`by_subject(docs)`), not per row:
+        # a row with a subject in a task that is not by subject takes the common shots.
+        shots_of_subject = None
+        if self.by_subject(docs):
+            shots_of_subject = {}
+            for shot in shots:
+                shots_of_subject.setdefault(shot.get("subject"), []).append(shot)
         for doc in docs:
             doc["prompt_text"] = self.prompt_template.format(
-                prompt=self._prompt(doc, shots)).strip()
+                prompt=self._prompt(doc, shots, shots_of_subject)).strip()
         return docs
 
     def _shots(self) -> list[dict]:
@@ -407,7 +414,9 @@ class Task:
             return all(doc.get("subject") for doc in docs)
         return self.spec.by_subject
 
-    def _prompt(self, doc: dict, shots: list[dict]) -> str:
+    def _prompt(self, doc: dict, shots: list[dict], shots_of_subject: dict | None) -> str:
+        """`shots_of_subject` (subject -> its shots in order): the task takes shots of each row's
+        subject; None: the first `num_shots` of all."""
         template = self.spec.template
         if template == "question":
             return doc["prompt"]
@@ -415,9 +424,9 @@ class Task:
             return "".join(_drop_block(s, s["shot_answer"]) + "\n\n"
                            for s in shots[:self.num_shots]) + _drop_block(doc, None)
         subject = doc.get("subject")
-        if self.by_subject([doc]) and subject:
+        if shots_of_subject is not None and subject:
             count = self.special_shots.get(subject, self.num_shots)
-            chosen = [s for s in shots if s.get("subject") == subject][:count]
+            chosen = shots_of_subject.get(subject, [])[:count]
         else:
             chosen = shots[:self.num_shots]
         return "".join(_mcq_block(s, True) + "\n\n" for s in chosen) + _mcq_block(doc, False)

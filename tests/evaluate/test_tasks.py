@@ -50,6 +50,29 @@ def test_mmlu_prompt_is_hrm_texts_with_same_subject_shots():
     assert task.generation.max_new_tokens == 1 and task.generation.max_context == 4096
 
 
+def test_generic_mcq_takes_subject_shots_only_when_every_row_has_a_subject(tmp_path):
+    """Guards shots chosen per row: in an `mcq` task where only some rows have a subject (so the
+    task is not by subject, as its scoring says), a row with a subject took only shots of that
+    subject, which here is none at all: zero shots, silently. Every row takes the common shots;
+    a task whose rows all have a subject takes each subject's own."""
+    shots = _write(tmp_path / "shots.jsonl", [
+        {"query": f"S{i}?", "choices": ["p", "q"], "gold": 0} for i in range(2)]
+        + [{"query": "Geo?", "choices": ["p", "q"], "gold": 1, "subject": "geo"}])
+    rows = [{"query": "Q1?", "choices": ["x", "y"], "gold": 1, "subject": "astro"},
+            {"query": "Q2?", "choices": ["x", "y"], "gold": 0}]
+    task = Task("mix", "mcq", _write(tmp_path / "mixed.jsonl", rows), shots=shots, num_shots=2)
+    docs = task.load()
+    assert not task.by_subject(docs)
+    assert [d["prompt_text"].count("Answer:") for d in docs] == [3, 3]
+    assert all(d["prompt_text"].startswith("S0?") for d in docs)
+    rows[1]["subject"] = "geo"
+    task = Task("all", "mcq", _write(tmp_path / "all.jsonl", rows), shots=shots, num_shots=2)
+    docs = task.load()
+    assert task.by_subject(docs)
+    assert [d["prompt_text"].count("Answer:") for d in docs] == [1, 2]
+    assert docs[1]["prompt_text"].startswith("Geo?")
+
+
 def test_mcq_presets_map_each_datasets_fields_like_hrm_text():
     """Guards each benchmark's row mapping: ARC's labels re-lettered from A by position,
     HellaSwag's and BoolQ's str.capitalize() (which lower-cases the rest), BoolQ True -> A (Yes),
@@ -69,7 +92,7 @@ def test_mcq_presets_map_each_datasets_fields_like_hrm_text():
     for preset, (row, prompt, gold) in cases.items():
         task = Task(preset, preset, "unused", num_shots=0)
         doc = PRESETS[preset].reader(row)
-        assert task._prompt(doc, []) == prompt, preset
+        assert task._prompt(doc, [], None) == prompt, preset
         assert doc["gold"] == gold, preset
     generic = {"query": "Pick", "choices": ["p", "q"], "gold": 1}
     assert PRESETS["arc"].reader(generic)["gold"] == 1
