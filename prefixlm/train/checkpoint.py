@@ -38,7 +38,7 @@ from ..data.tokenizer import load_tokenizer
 from ..fsutil import fsync_dir, write_bytes
 from ..model import PrefixLM, hrm_text
 from .config import TrainConfig, config_from_dict
-from .distributed import all_reduce
+from .distributed import all_gather_object, all_reduce
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
            "CheckpointError", "load_model_weights", "resolve_checkpoint", "load_trained",
@@ -137,14 +137,6 @@ def _world() -> int:
     return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
 
 
-def _all_gather(obj) -> list:
-    if not torch_dist.is_initialized():
-        return [obj]
-    out = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
 def _as_os_error(exc: BaseException, where: Path) -> BaseException:
     """The OSError inside DCP's CheckpointException (disk full, permissions) with the path it was
     writing, so the CLI reports it in one line; other errors unchanged."""
@@ -218,7 +210,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dic
             tmp.mkdir()
         except OSError as exc:
             setup_error = exc
-    _raise_if_failed(setup_error, _all_gather({"error": setup_error and str(setup_error)}),
+    _raise_if_failed(setup_error, all_gather_object({"error": setup_error and str(setup_error)}),
                      tmp, rank)
     try:
         with warnings.catch_warnings():  # "assuming ... a single process" is what we mean
@@ -247,7 +239,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dic
             crc = _checksum_share(tmp, rank, world)
         except OSError as exc:
             local_error = exc
-    shares = _all_gather({"crc32": crc, "error": None if local_error is None else str(local_error)})
+    shares = all_gather_object({"crc32": crc, "error": None if local_error is None else str(local_error)})
     _raise_if_failed(local_error, shares, tmp, rank)
     commit_error = None
     if rank == 0:
@@ -258,7 +250,7 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model, optimizer, ema: dic
                 _discard(old)
         except OSError as exc:
             commit_error = exc
-    _raise_if_failed(commit_error, _all_gather({"error": commit_error and str(commit_error)}),
+    _raise_if_failed(commit_error, all_gather_object({"error": commit_error and str(commit_error)}),
                      tmp, rank)
     return final
 

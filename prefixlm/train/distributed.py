@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-__all__ = ["Dist", "setup", "shard_model", "barrier", "all_reduce", "collective_device",
-           "reshard_all", "teardown"]
+__all__ = ["Dist", "setup", "shard_model", "barrier", "all_reduce", "all_gather_object",
+           "collective_device", "reshard_all", "teardown"]
 
 
 @dataclass
@@ -86,6 +86,15 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
             torch_dist.all_reduce(on_device, op=_REDUCE_OPS[op])
             tensor.copy_(on_device)
     return tensor
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in a single process."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    out = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
+    return out
 
 
 def reshard_all(model) -> None:

@@ -17,7 +17,7 @@ import torch.distributed as torch_dist
 
 from ..evaluate import parse_task_spec, run_tasks
 from . import checkpoint as ckpt
-from .distributed import all_reduce, barrier, collective_device, reshard_all
+from .distributed import all_gather_object, all_reduce, barrier, collective_device, reshard_all
 
 __all__ = ["tasks_from_config", "task_metrics", "BestCheckpoint"]
 
@@ -75,8 +75,12 @@ class BestCheckpoint:
         return bool(self.metric)
 
     def load(self, ckpt_root, rank: int) -> None:
-        """The best so far of a resumed run (none when it was kept by another metric)."""
-        record = ckpt.read_best(ckpt_root) if self.enabled else None
+        """The best so far of a resumed run (none when it was kept by another metric). Rank 0
+        reads it (read_best may finish an interrupted replacement: one process renames) and
+        the others take its record."""
+        record = None
+        if self.enabled:
+            record = all_gather_object(ckpt.read_best(ckpt_root) if rank == 0 else None)[0]
         if record is not None and (record.get("metric"), record.get("mode")) != (self.metric,
                                                                                   self.mode):
             if rank == 0:
