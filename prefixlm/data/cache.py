@@ -130,18 +130,15 @@ class SourceCache:
     def __init__(self, root):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.removed = self._clean_leftovers()
+        self._clean_leftovers()
 
-    def _clean_leftovers(self) -> list[Path]:
-        """Temporary entries of runs that were killed (same host, process gone)."""
-        removed = []
+    def _clean_leftovers(self) -> None:
+        """Remove the temporary entries of runs that were killed (same host, process gone)."""
         host = host_name()
         for entry in self.root.iterdir():
             match = _TMP.fullmatch(entry.name)
             if match and match.group(2) == host and not pid_alive(int(match.group(1))):
                 shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-        return removed
 
     def get(self, key: str) -> CachedSource | None:
         entry = self.root / key

@@ -24,10 +24,7 @@ from .cache import DEFAULT_CONDITION, SPECIAL_TEXT
 from .render import (EMPTY, KEPT, SHORT_PREFIX, TOO_LONG, TRUNCATED_PREFIX,
                      TRUNCATED_RESPONSE)
 
-__all__ = ["OUTCOME_NAMES", "source_outcomes", "format_coverage"]
-
-OUTCOME_NAMES = ("kept", "truncated_prefix", "truncated_response", "dropped_empty",
-                 "dropped_too_long", "dropped_short_prefix", "dropped_truncation_guard")
+__all__ = ["source_outcomes", "format_coverage"]
 
 
 def source_outcomes(source, rows, counts, malformed, outcome, cut_left, resp_keep, draws,

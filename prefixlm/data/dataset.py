@@ -25,9 +25,10 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["V1Dataset", "EpochIndex", "INDEX_FIELDS", "length_histogram", "load_npy", "WRITER",
-           "MIXTURE_WRITER", "OUR_WRITERS"]
+           "MIXTURE_WRITER", "OUR_WRITERS", "FORMAT"]
 
 INDEX_FIELDS = ("inst_start", "inst_len", "resp_start", "resp_len")
+FORMAT = "hrm-text-v1"  # metadata["format"] of the datasets we write
 WRITER = "prefixlm prepare-sft"  # metadata["writer"] of the datasets prepare-sft writes
 MIXTURE_WRITER = "prefixlm prepare --mixture"  # and of those a mixture writes
 OUR_WRITERS = (WRITER, MIXTURE_WRITER)

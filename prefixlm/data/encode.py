@@ -25,19 +25,14 @@ import numpy as np
 from .cache import CachedSource, SourceCache
 from .chat import encoded_from_ids, parse_chat_record, special_text
 from .render import encode_rows
-from .rows import FIELDS, RowError, decode_row, parse_record
+from .rows import FIELDS, MALFORMED_EXAMPLES, InputError, RowError, decode_row, parse_record
 from .sources import jsonl_chunks, parquet_chunks, parquet_columns
 
 __all__ = ["ReadOptions", "ChunkResult", "encode_chunk", "encode_sources", "InputError",
            "MALFORMED_EXAMPLES"]
 
-MALFORMED_EXAMPLES = 20
 MIN_CHUNK = 1 << 16  # bytes: below this a chunk costs more to ship than to tokenize
 _STATE: dict = {}  # the worker's tokenizer and chat template (set by _init_worker)
-
-
-class InputError(ValueError):
-    """Bad input data: the message names the file and line (or Parquet row and column)."""
 
 
 @dataclass(frozen=True)

@@ -35,21 +35,21 @@ from pathlib import Path
 import numpy as np
 
 from ..fsutil import file_sha256, write_bytes
-from .cache import SourceCache, cache_key
+from .cache import CACHE_VERSION, SourceCache, cache_key
 from .chat import copy_template, load_chat_tokenizer
 from .coverage import format_coverage, source_outcomes
-from .dataset import INDEX_FIELDS, MIXTURE_WRITER
-from .encode import InputError, ReadOptions, encode_sources
+from .dataset import FORMAT, INDEX_FIELDS, MIXTURE_WRITER
+from .encode import ReadOptions, encode_sources
 from .mixture_config import read_mixture, resolve_sampling
 from .render import TRUNCATED_RESPONSE, Truncation, gather_samples, truncate
+from .rows import InputError
 from .sources import data_io_info, expand_entry, read_data_io_source
 from .tokenizer import AUTO, load_tokenizer
 from .tokenizer_info import resolve_tokenizer_file
-from .writer import DatasetWriter, check_output
+from .writer import DatasetWriter, check_output, epoch_order
 
 __all__ = ["prepare_mixture", "epoch_draw", "InputError", "FORMAT"]
 
-FORMAT = "hrm-text-v1"
 WRITE_ROWS = 1 << 16  # rows gathered into tokens.npy at a time
 
 
@@ -64,11 +64,6 @@ def epoch_draw(kept: int, rows: int, epoch: int, seed_words: list[int]) -> np.nd
             [*seed_words, j]))).permutation(kept)
         parts.append(perm[max(start, j * kept) - j * kept: min(end, (j + 1) * kept) - j * kept])
     return np.concatenate(parts).astype(np.int64)
-
-
-def _epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))) \
-        .permutation(count)
 
 
 class _Rows:
@@ -116,11 +111,11 @@ def _tokenizer(spec, mixture, sources, options, chat_needed: bool):
     return tok, None, spec
 
 
-def _check_data_io(source, tok) -> list[str]:
-    """ValueError unless a data_io folder was tokenized with the mixture's vocabulary and
-    markers; the notes for the report (what could not be checked)."""
-    info = data_io_info(source.data_io_root)
-    where = source.data_io_root / "tokenizer_info.json"
+def _check_data_io(root: Path, tok) -> list[str]:
+    """ValueError unless the data_io folder `root` was tokenized with the mixture's vocabulary
+    and markers; the notes for the report (what could not be checked)."""
+    info = data_io_info(root)
+    where = root / "tokenizer_info.json"
     vocab = info.get("vocab_size")
     if isinstance(vocab, int) and vocab != tok.vocab_size:
         raise ValueError(f"{where}: vocab_size {vocab}, but the mixture's tokenizer has "
@@ -130,7 +125,7 @@ def _check_data_io(source, tok) -> list[str]:
     for key, token in ours.items():
         if key in info and info[key] != token:
             raise ValueError(f"{where}: {key} is {info[key]!r} but the mixture's tokenizer uses "
-                             f"{token!r} (pass --tokenizer {source.data_io_root}, or "
+                             f"{token!r} (pass --tokenizer {root}, or "
                              f"--hrm-text-tokens)")
     for name, token in (info.get("condition_mapping") or {}).items():
         if tok.conditions.get(name, token) != token:
@@ -138,9 +133,9 @@ def _check_data_io(source, tok) -> list[str]:
                              f"{tok.conditions[name]!r} in the mixture's tokenizer")
     notes = []
     try:
-        theirs = resolve_tokenizer_file(info, source.data_io_root)
+        theirs = resolve_tokenizer_file(info, root)
     except FileNotFoundError:
-        notes.append(f"{source.data_io_root}: its tokenizer_path {info.get('tokenizer_path')!r} "
+        notes.append(f"{root}: its tokenizer_path {info.get('tokenizer_path')!r} "
                      f"is not found here: only vocab_size and markers were compared")
     else:
         mine = getattr(tok, "path", None)
@@ -202,8 +197,8 @@ def _cache_jobs(sources, tok, chat, progress: bool) -> list:
                     "chat": chat.fingerprint() if read.chat_template == "tokenizer" else None}
         key = cache_key(digest, settings)
         source.options.update(sha256=digest, cache_key=key)
-        jobs.append((source, key, {"version": 1, "source": str(source.path), "sha256": digest,
-                                   "settings": settings}))
+        jobs.append((source, key, {"version": CACHE_VERSION, "source": str(source.path),
+                                   "sha256": digest, "settings": settings}))
     if bar is not None:
         bar.close()
     return jobs
@@ -266,10 +261,10 @@ def prepare_mixture(mixture, output, epochs: int | None = None, tokenizer=None, 
         "special_tokens": special_tokens, "conditions": conditions,
         "default_condition": default_condition, "parse_special_tokens": parse_special_tokens},
         chat_needed)
+    # Every tokenized file of a data_io folder is a source of its own; the folder is checked once.
     notes = []
-    for source in sources:
-        if source.kind == "data_io":
-            notes += [n for n in _check_data_io(source, tok) if n not in notes]
+    for root in dict.fromkeys(src.data_io_root for src in sources if src.kind == "data_io"):
+        notes += _check_data_io(root, tok)
     for source in sources:
         also = source.options["sampling"].also_matched
         if also:
@@ -367,7 +362,7 @@ def _write(output, overwrite, per_source, tok, chat, decide, epochs, seed, N, mi
         for k, parts in enumerate(epoch_parts):
             index = {f: np.concatenate(parts[f]) if parts[f] else np.zeros(0, np.int64)
                      for f in INDEX_FIELDS}
-            order = _epoch_order(len(index["inst_len"]), seed, k)
+            order = epoch_order(len(index["inst_len"]), seed, k)
             writer.write_epoch(k, {f: index[f][order] for f in INDEX_FIELDS})
             epoch_tokens.append(int(index["inst_len"].sum() + index["resp_len"].sum()))
         tok.save(writer.path, tokenizer_path=str(writer.final))

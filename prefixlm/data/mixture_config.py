@@ -273,7 +273,6 @@ class MixtureFile:
     settings: dict
     entries: list
     rules: list
-    where: _Where
 
 
 def read_mixture(path) -> MixtureFile:
@@ -350,7 +349,7 @@ def read_mixture(path) -> MixtureFile:
                                                             f"{item['skip_invalid']!r}")
             entry["skip_invalid"] = item["skip_invalid"]
         entries.append(entry)
-    return MixtureFile(path=path, settings=settings, entries=entries, rules=rules, where=where)
+    return MixtureFile(path=path, settings=settings, entries=entries, rules=rules)
 
 
 def _relative(value: str, base: Path) -> Path:

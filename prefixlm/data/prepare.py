@@ -27,26 +27,20 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .dataset import INDEX_FIELDS, WRITER, EpochIndex, length_histogram
+from .dataset import FORMAT, INDEX_FIELDS, WRITER, EpochIndex, length_histogram
 from .chat import (CHAT_TEMPLATES, copy_template, encoded_from_ids, load_chat_tokenizer,
                    parse_chat_record, special_text)
 from .render import OUTCOMES, TRUNCATION_POLICIES, Truncation, render_encoded, render_rows
-from .rows import TURNS, RowError, decode_row, parse_record
+from .rows import MALFORMED_EXAMPLES, TURNS, InputError, RowError, decode_row, parse_record
 from .sampler import MultipackSampler
 from .tokenizer import AUTO, load_tokenizer
 from .writer import DatasetWriter, shuffled_epochs
 
 __all__ = ["prepare_sft", "TRUNCATION_POLICIES", "InputError", "FORMAT", "ROWS_REPORT"]
 
-FORMAT = "hrm-text-v1"
 ROWS_REPORT = "rows.jsonl"
 CHUNK_ROWS = 4096
 MALFORMED = OUTCOMES.index("dropped_malformed")
-MALFORMED_EXAMPLES = 20  # kept in report.json; rows.jsonl has every one
-
-
-class InputError(ValueError):
-    """Bad input data: the message names the file and line."""
 
 
 def prepare_sft(inputs, output, tokenizer="byte", context_size: int = 4097, epochs: int = 1,

@@ -178,7 +178,6 @@ class RenderedRows:
     """One chunk of rows rendered: the kept samples' tokens, and per row what happened."""
 
     tokens: np.ndarray           # int32: every kept sample's prefix then response, concatenated
-    kept: np.ndarray             # int64 indices (into the chunk) of the kept rows, in row order
     inst_len: np.ndarray         # int64 per kept row
     resp_len: np.ndarray         # int64 per kept row
     outcome: np.ndarray          # int8 per row: index into OUTCOMES
@@ -209,7 +208,7 @@ def render_encoded(encoded: EncodedRows, truncation: Truncation) -> RenderedRows
     resp_after = np.zeros(n, np.int64)
     inst_after[kept] = inst_len
     resp_after[kept] = resp_len
-    return RenderedRows(tokens=tokens, kept=kept, inst_len=inst_len, resp_len=resp_len,
+    return RenderedRows(tokens=tokens, inst_len=inst_len, resp_len=resp_len,
                         outcome=outcome, inst_before=np.asarray(encoded.inst_len, np.int64),
                         resp_before=np.asarray(encoded.resp_len, np.int64),
                         inst_after=inst_after, resp_after=resp_after,

@@ -25,7 +25,8 @@ import json
 
 from .tokenizer import split_condition
 
-__all__ = ["CHAT_ROLES", "TURNS", "FIELDS", "RowError", "parse_row", "decode_row",
+__all__ = ["CHAT_ROLES", "TURNS", "FIELDS", "RowError", "InputError", "MALFORMED_EXAMPLES",
+           "parse_row", "decode_row",
            "parse_record", "render_chat", "assistant_turns", "kind_of"]
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -39,6 +40,13 @@ class RowError(ValueError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class InputError(ValueError):
+    """Bad input data: the message names the file and line (or Parquet row and column)."""
+
+
+MALFORMED_EXAMPLES = 20  # bad rows quoted in a report (prepare-sft's rows.jsonl has every one)
 
 
 def kind_of(value) -> str:

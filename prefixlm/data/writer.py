@@ -34,7 +34,7 @@ from ..fsutil import (clean_leftovers, durable_open, fsync_dir, replace_dir, sav
                       temp_dir_beside, write_json)
 from .dataset import INDEX_FIELDS, OUR_WRITERS
 
-__all__ = ["DatasetWriter", "check_output", "shuffled_epochs", "DATASET_FILES"]
+__all__ = ["DatasetWriter", "check_output", "shuffled_epochs", "epoch_order", "DATASET_FILES"]
 
 # Everything a dataset we write holds (epoch_K folders hold the four index files).
 DATASET_FILES = ("tokens.npy", "metadata.json", "tokenizer.json", "tokenizer_info.json",
@@ -126,13 +126,17 @@ def _write_npy_from_raw(raw_path: Path, npy_path: Path, count: int, dtype) -> No
             shutil.copyfileobj(src, out, 16 << 20)
 
 
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of epoch `epoch`'s `count` samples: a permutation seeded by (seed, epoch)."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch]))) \
+        .permutation(count)
+
+
 def shuffled_epochs(index: dict, epochs: int, seed: int):
-    """(k, index arrays of epoch k) for k < epochs: the samples in an order shuffled by
-    (seed, k)."""
+    """(k, index arrays of epoch k) for k < epochs: the samples in `epoch_order(.., seed, k)`."""
     num = len(index["inst_len"])
     for k in range(epochs):
-        order = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, k]))) \
-            .permutation(num)
+        order = epoch_order(num, seed, k)
         yield k, {name: index[name][order] for name in INDEX_FIELDS}
 
 
