@@ -42,7 +42,7 @@ from .distributed import all_gather_object, all_reduce
 
 __all__ = ["save_checkpoint", "load_checkpoint", "complete_checkpoints", "latest_checkpoint",
            "CheckpointError", "load_model_weights", "resolve_checkpoint", "load_trained",
-           "checkpoint_config", "checkpoint_tokenizer", "keep_best", "read_best", "verify",
+           "checkpoint_config", "checkpoint_tokenizer", "keep_best", "read_best", "verify", "step_of",
            "file_crc32", "fill_optimizer_state", "remove_leftovers", "remove_checkpoints"]
 
 COMMIT = "COMMIT"
@@ -327,16 +327,19 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> str | None:
     return None
 
 
+def step_of(path: str | Path) -> int | None:
+    """The step of a checkpoint folder `step_N`; None for another name."""
+    match = _NAME.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def complete_checkpoints(root: str | Path) -> list[Path]:
     """Committed checkpoints under `root`, oldest first (by step)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        match = _NAME.match(path.name)
-        if match and path.is_dir() and (path / COMMIT).is_file():
-            found.append((int(match.group(1)), path))
+    found = [(step_of(path), path) for path in root.iterdir()
+             if step_of(path) is not None and path.is_dir() and (path / COMMIT).is_file()]
     return [p for _, p in sorted(found)]
 
 

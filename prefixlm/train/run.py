@@ -29,7 +29,7 @@ from ..data.prepare import FORMAT, prepare_sft
 from ..data.tokenizer import load_tokenizer
 from ..data.synthetic import make_split, write_jsonl
 from ..fsutil import file_sha256
-from .checkpoint import complete_checkpoints, remove_checkpoints, remove_leftovers
+from .checkpoint import complete_checkpoints, remove_checkpoints, remove_leftovers, step_of
 from .config import TrainConfig
 from .distributed import Dist, all_reduce, barrier, setup, teardown
 from .init_from import check_model, init_source
@@ -202,7 +202,7 @@ def check_schedule(cfg: TrainConfig, checkpoint: Path, new_schedule: bool) -> li
     changed = [f"{key}={_setting(saved, key)} -> {_setting(cfg, key)}" for key in SCHEDULE_KEYS
                if _setting(saved, key) is not None and _setting(saved, key) != _setting(cfg, key)]
     if changed and not new_schedule:
-        step = int(checkpoint.name.split("_")[1])
+        step = step_of(checkpoint)
         old = dataclasses.replace(cfg, **{k: saved[k] for k in SCHEDULE_KEYS if k in saved})
         then, now = lr_at(step, old), lr_at(step, cfg)
         example = f" (lr of step {step + 1}: {now:.3g} instead of {then:.3g})" if then != now \
@@ -301,10 +301,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, resume_from: str | N
         with GracefulStop() as stop:
             trainer.stop = stop
             try:
-                trainer.fit()
-                if trainer.last_checkpoint is None or trainer.step != int(
-                        trainer.last_checkpoint.name.split("_")[1]):
-                    trainer.save()
+                trainer.fit()  # ends with the last step's checkpoint written
             except (NonFiniteLossError, NonFiniteWeightError) as exc:
                 raise RunError(str(exc)) from None
             # A signal after the last step's vote reached only some ranks: agree once more.

@@ -390,8 +390,7 @@ class Trainer:
         self._evaluated: tuple[int, dict] | None = None
 
     def _saved_step(self) -> int | None:
-        return None if self.last_checkpoint is None else int(
-            self.last_checkpoint.name.split("_")[1])
+        return None if self.last_checkpoint is None else ckpt.step_of(self.last_checkpoint)
 
     def evaluate(self) -> dict | None:
         """Held-out loss, token accuracy and exact match, and the eval_tasks' metrics as
